@@ -1,0 +1,191 @@
+"""The BlobService interface: blobs (file contents) and their content-defined chunks.
+
+Backends are sibling modules (`memory`, `local`, `grpc`, `cached`); `tvix_store.store.open_store`
+builds them from a URL. Every backend must pass `tests/test_contract.py`.
+
+Contract (all backends):
+- A blob and a chunk are both addressed by the BLAKE3-256 of their bytes. Every chunk
+  is itself a readable blob; `chunks(d)` of a chunk answers at least itself.
+- `chunks(d)` is `None` when `d` is absent (not-found is a value); `[]` only for the
+  empty blob. The concatenation of the chunks is the blob, so the blob's size is the
+  sum of their sizes. A backend with no finer chunking answers `[ChunkMeta(d, size)]`.
+- Bytes handed out (`read_chunk`, readers) are verified against their digest; a
+  mismatch raises `IntegrityError` and no byte of the bad chunk is returned.
+- A writer makes its blob visible only on `close()`, complete and with the digest it
+  returns; an aborted writer (exception, `abort()`) stores nothing visible.
+- Methods are blocking and thread-safe; async callers (FUSE) run them in threads.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO
+
+from tvix_store.digest import B3Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """One chunk of a blob: its digest and length."""
+
+    digest: B3Digest
+    size: int
+
+
+class BlobWriter(ABC):
+    """Accepts a blob's bytes; `close()` commits it and returns its digest.
+
+    Use as a context manager: leaving the block by an exception aborts the write.
+    """
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    @abstractmethod
+    def close(self) -> B3Digest:
+        """Commit the blob (idempotent: a second call returns the same digest)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop everything written; nothing becomes visible."""
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class BlobService(ABC):
+    """Store and retrieve blobs by BLAKE3 digest. See the module docstring for the contract."""
+
+    @abstractmethod
+    def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """The blob's chunks in order, or None if the store does not have it."""
+
+    @abstractmethod
+    def read_chunk(self, digest: B3Digest) -> bytes | None:
+        """The verified bytes of one chunk (or of a whole small blob), or None if absent.
+
+        Raises IntegrityError if stored/fetched bytes do not hash to `digest`.
+        """
+
+    @abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob."""
+
+    def has(self, digest: B3Digest) -> bool:
+        return self.chunks(digest) is not None
+
+    def size(self, digest: B3Digest) -> int | None:
+        cs = self.chunks(digest)
+        return None if cs is None else sum(c.size for c in cs)
+
+    def open_read(self, digest: B3Digest) -> BinaryIO | None:
+        """A seekable reader over the blob (or chunk), fetching chunks as it goes; None if absent."""
+        cs = self.chunks(digest)
+        if cs is None:
+            return None
+        return ChunkedReader(self, cs)
+
+    def put(self, data: bytes) -> B3Digest:
+        """Store `data` as one blob; returns its digest."""
+        with self.open_write() as w:
+            w.write(data)
+        return w.close()
+
+    def iter_digests(self) -> Iterator[B3Digest]:
+        """The blobs this backend can enumerate cheaply (may be none, e.g. a remote)."""
+        return iter(())
+
+    def close(self) -> None:
+        """Release resources (connections, files)."""
+
+
+class ChunkedReader(io.RawIOBase):
+    """A seekable, read-only stream over a blob, reading chunk by chunk via `read_chunk`.
+
+    Keeps one decoded chunk; a read never spans more than one chunk fetch per chunk.
+    """
+
+    def __init__(self, service: BlobService, chunks: list[ChunkMeta]) -> None:
+        super().__init__()
+        self._svc = service
+        self._chunks = chunks
+        self._offsets: list[int] = []
+        off = 0
+        for c in chunks:
+            self._offsets.append(off)
+            off += c.size
+        self._size = off
+        self._pos = 0
+        self._cur: tuple[int, bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        pos = base + offset
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def _chunk_at(self, idx: int) -> bytes:
+        if self._cur is not None and self._cur[0] == idx:
+            return self._cur[1]
+        meta = self._chunks[idx]
+        data = self._svc.read_chunk(meta.digest)
+        if data is None:
+            from tvix_store.errors import NotFoundError
+
+            raise NotFoundError(f"chunk {meta.digest.hex()} is missing")
+        if len(data) != meta.size:
+            from tvix_store.errors import IntegrityError
+
+            raise IntegrityError(f"chunk {meta.digest.hex()} has {len(data)} bytes, chunk list says {meta.size}")
+        self._cur = (idx, data)
+        return data
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        import bisect
+
+        if self._pos >= self._size or not len(buf):
+            return 0
+        idx = bisect.bisect_right(self._offsets, self._pos) - 1
+        data = self._chunk_at(idx)
+        start = self._pos - self._offsets[idx]
+        n = min(len(buf), len(data) - start)
+        buf[:n] = data[start : start + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if size is None or size < 0:
+            size = self._size - self._pos
+        out = bytearray()
+        while len(out) < size and self._pos < self._size:
+            b = bytearray(min(size - len(out), 1 << 20))
+            n = self.readinto(b)
+            out += b[:n]
+        return bytes(out)

@@ -1,0 +1,122 @@
+"""The DirectoryService interface: Directory messages of the Merkle DAG, by digest.
+
+Backends are sibling modules (`memory`, `local`, `grpc`, `cached`). Contract:
+- `get(d)` is None when absent; a stored Directory always hashes to its digest
+  (backends that read from disk or a network check it, raising IntegrityError).
+- `put(dir)` validates the Directory and requires every child Directory to be stored
+  already (ValidationError otherwise), with matching sizes.
+- `put_graph(dirs)` takes a graph leaves-first (each Directory only references ones
+  before it or already stored), validates all of it before storing any of it, and
+  returns the root (last) digest; a graph with more than one root is rejected.
+- `get_recursive(d)` yields the closure breadth-first, each Directory once, each after
+  one that references it; it yields nothing if `d` is absent, and raises NotFoundError
+  if a referenced child is missing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+from tvix_store.castore import Directory
+from tvix_store.digest import B3Digest
+from tvix_store.errors import NotFoundError, ValidationError
+
+KnownSize = Callable[[B3Digest], int | None]
+
+
+class DirectoryService(ABC):
+    @abstractmethod
+    def get(self, digest: B3Digest) -> Directory | None:
+        """The Directory with this digest, or None."""
+
+    @abstractmethod
+    def _store(self, directory: Directory) -> None:
+        """Store an already validated Directory (idempotent, atomic per Directory)."""
+
+    def has(self, digest: B3Digest) -> bool:
+        return self.get(digest) is not None
+
+    def put(self, directory: Directory) -> B3Digest:
+        """Validate and store one Directory whose children are all stored already."""
+        return self.put_graph([directory])
+
+    def put_graph(self, directories: Iterable[Directory]) -> B3Digest:
+        """Validate a leaves-first graph completely, then store it; returns the root digest."""
+        graph = validate_graph(directories, self._known_size)
+        for d in graph:
+            self._store(d)
+        return graph[-1].digest
+
+    def _known_size(self, digest: B3Digest) -> int | None:
+        d = self.get(digest)
+        return None if d is None else d.size
+
+    def get_recursive(self, digest: B3Digest) -> Iterator[Directory]:
+        """The closure of `digest`, breadth-first, each once (see module docstring)."""
+        root = self.get(digest)
+        if root is None:
+            return
+        seen = {digest}
+        queue: deque[Directory] = deque([root])
+        while queue:
+            d = queue.popleft()
+            yield d
+            for child in d.directories:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                c = self.get(child.digest)
+                if c is None:
+                    raise NotFoundError(f"directory {child.digest.hex()} (referenced by {d.digest.hex()}) is missing")
+                queue.append(c)
+
+    def iter_digests(self) -> Iterator[B3Digest]:
+        """The Directories this backend can enumerate cheaply (may be none)."""
+        return iter(())
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+def validate_graph(directories: Iterable[Directory], known_size: KnownSize) -> list[Directory]:
+    """Check a leaves-first stream of Directories; return it (deduplicated) or raise ValidationError.
+
+    Each Directory must validate; each child reference must be to a Directory earlier in
+    the stream or already stored (`known_size(d)` not None) with the same size; exactly
+    one Directory (the last) may be unreferenced within the stream.
+    """
+    sizes: dict[B3Digest, int] = {}
+    order: list[Directory] = []
+    unreferenced: set[B3Digest] = set()
+    for d in directories:
+        d.validate()
+        dg = d.digest
+        if dg in sizes:
+            continue  # resending one is harmless
+        for child in d.directories:
+            size = sizes.get(child.digest)
+            if size is None:
+                size = known_size(child.digest)
+                if size is None:
+                    raise ValidationError(
+                        f"directory {dg.hex()} references unknown directory {child.digest.hex()} "
+                        f"(name {child.name.decode('utf-8', 'backslashreplace')!r})"
+                    )
+            if size != child.size:
+                raise ValidationError(
+                    f"directory {dg.hex()}: entry {child.name.decode('utf-8', 'backslashreplace')!r} has size "
+                    f"{child.size}, but directory {child.digest.hex()} has size {size}"
+                )
+            unreferenced.discard(child.digest)
+        sizes[dg] = d.size
+        unreferenced.add(dg)
+        order.append(d)
+    if not order:
+        raise ValidationError("no directories sent")
+    if len(unreferenced) > 1:
+        raise ValidationError(f"directory graph has {len(unreferenced)} roots, expected one")
+    if order[-1].digest not in unreferenced:
+        raise ValidationError("the last directory sent must be the root of the graph")
+    return order
