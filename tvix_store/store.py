@@ -9,6 +9,7 @@ the backends live in the service packages.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,6 +28,9 @@ class Store:
     directories: DirectoryService
     pathinfos: PathInfoService
     url: str = ""
+    #: Status counters (chunks/bytes fetched, cache hits...) of backends that keep them;
+    #: the mount shows them as `user.tvix.*` xattrs on its root and logs them on SIGUSR1.
+    counters: Callable[[], dict[str, int]] | None = None
 
     def close(self) -> None:
         for svc in (self.pathinfos, self.directories, self.blobs):

@@ -103,6 +103,10 @@ class BlobService(ABC):
             w.write(data)
         return w.close()
 
+    def prefetch(self, digests: list[B3Digest]) -> None:
+        """Hint: these chunks will be read soon. Backends with a cache may start fetching them
+        in the background (bounded); must not block. Default: ignore."""
+
     def iter_digests(self) -> Iterator[B3Digest]:
         """The blobs this backend can enumerate cheaply (may be none, e.g. a remote)."""
         return iter(())
