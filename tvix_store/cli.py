@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from tvix_store.digest import B3Digest
 from tvix_store.errors import StoreError, ValidationError
@@ -23,6 +24,13 @@ PROG = "tvix-store"
 
 class UsageError(Exception):
     """A command-line value is wrong (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (`tvix-store: error: …`), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _digest_arg(text: str) -> B3Digest:
@@ -163,7 +171,7 @@ def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="A content-addressed store for Nix-style file trees.")
+    p = _Parser(prog=PROG, description="A content-addressed store for Nix-style file trees.")
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -232,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -2,7 +2,9 @@
 
 Every string is a little-endian u64 length, the bytes, zero padding to 8. Entries of a
 directory come in bytewise name order. File contents are streamed chunk by chunk from
-the BlobService, so memory stays bounded for any blob size. Not a NAR parser.
+the BlobService (with a prefetch hint a few chunks ahead, for caching remote backends),
+so memory stays bounded for any blob size. The grammar's pieces are public for
+`tvix_store.importer`, which hashes the same bytes from the filesystem. Not a NAR parser.
 """
 
 from __future__ import annotations
@@ -21,43 +23,71 @@ def _str(s: bytes) -> bytes:
     return struct.pack("<Q", len(s)) + s + b"\0" * (-len(s) % 8)
 
 
-_MAGIC = _str(b"nix-archive-1")
 _OPEN, _CLOSE = _str(b"("), _str(b")")
 _TYPE = _str(b"type")
-_REGULAR = _OPEN + _TYPE + _str(b"regular")
 _EXEC = _str(b"executable") + _str(b"")
+
+# The NAR grammar in pieces, shared by `render` (from the store) and `tvix_store.importer`
+# (from the filesystem), so both produce the same bytes.
+MAGIC = _str(b"nix-archive-1")
+DIRECTORY_OPEN = _OPEN + _TYPE + _str(b"directory")
+DIRECTORY_CLOSE = _CLOSE
+ENTRY_CLOSE = _CLOSE
+_REGULAR = _OPEN + _TYPE + _str(b"regular")
 _CONTENTS = _str(b"contents")
 _SYMLINK = _OPEN + _TYPE + _str(b"symlink") + _str(b"target")
-_DIRECTORY = _OPEN + _TYPE + _str(b"directory")
 _ENTRY = _str(b"entry") + _OPEN + _str(b"name")
 _NODE = _str(b"node")
 
 
+def regular_header(executable: bool, size: int) -> bytes:
+    """Everything of a regular file's node before its contents."""
+    return _REGULAR + (_EXEC if executable else b"") + _CONTENTS + struct.pack("<Q", size)
+
+
+def regular_trailer(size: int) -> bytes:
+    """Everything of a regular file's node after its `size` bytes of contents."""
+    return b"\0" * (-size % 8) + _CLOSE
+
+
+def symlink(target: bytes) -> bytes:
+    """A whole symlink node."""
+    return _SYMLINK + _str(target) + _CLOSE
+
+
+def entry_open(name: bytes) -> bytes:
+    """A directory entry up to its node (followed by the node, then ENTRY_CLOSE)."""
+    return _ENTRY + _str(name) + _NODE
+
+
 def render(node: Node, blobs: BlobService, directories: DirectoryService) -> Iterator[bytes]:
     """Yield the NAR of `node` in pieces. Raises NotFoundError for a missing blob/Directory."""
-    yield _MAGIC
+    yield MAGIC
     yield from _node(node, blobs, directories)
 
 
 def _node(node: Node, blobs: BlobService, directories: DirectoryService) -> Iterator[bytes]:
     if isinstance(node, SymlinkNode):
-        yield _SYMLINK + _str(node.target) + _CLOSE
+        yield symlink(node.target)
     elif isinstance(node, FileNode):
-        yield _REGULAR + (_EXEC if node.executable else b"") + _CONTENTS + struct.pack("<Q", node.size)
+        yield regular_header(node.executable, node.size)
         yield from _contents(node, blobs)
-        yield b"\0" * (-node.size % 8) + _CLOSE
+        yield regular_trailer(node.size)
     elif isinstance(node, DirectoryNode):
         d = directories.get(node.digest)
         if d is None:
             raise NotFoundError(f"directory {node.digest.hex()} not found")
-        yield _DIRECTORY
+        yield DIRECTORY_OPEN
         for child in d.nodes():
-            yield _ENTRY + _str(child.name) + _NODE
+            yield entry_open(child.name)
             yield from _node(child, blobs, directories)
-            yield _CLOSE
-        yield _CLOSE
+            yield ENTRY_CLOSE
+        yield DIRECTORY_CLOSE
     else:  # pragma: no cover - Node is a closed union
         raise TypeError(f"not a node: {node!r}")
+
+
+_PREFETCH = 4  # chunks: every 4 chunks read, hint the next 8
 
 
 def _contents(node: FileNode, blobs: BlobService) -> Iterator[bytes]:
@@ -65,7 +95,9 @@ def _contents(node: FileNode, blobs: BlobService) -> Iterator[bytes]:
     if chunks is None:
         raise NotFoundError(f"blob {node.digest.hex()} not found")
     total = 0
-    for c in chunks:
+    for i, c in enumerate(chunks):
+        if i % _PREFETCH == 0 and len(chunks) > 1:  # a hint for caching backends; free for the others
+            blobs.prefetch([x.digest for x in chunks[i + 1 : i + 1 + 2 * _PREFETCH]])
         data = blobs.read_chunk(c.digest)
         if data is None:
             raise NotFoundError(f"chunk {c.digest.hex()} of blob {node.digest.hex()} not found")

@@ -87,9 +87,13 @@ def open_store(
         from tvix_store.grpc.client import open_grpc_store
 
         if u.scheme == "grpc+http":
-            if not u.hostname or not u.port or u.path not in ("", "/"):
+            try:
+                port = u.port
+            except ValueError:
+                port = None
+            if not u.hostname or not port or u.path not in ("", "/"):
                 raise ValidationError(f"invalid store URL {url!r}: expected grpc+http://HOST:PORT")
-            target = f"{u.hostname}:{u.port}" if ":" not in u.hostname else f"[{u.hostname}]:{u.port}"
+            target = f"{u.hostname}:{port}" if ":" not in u.hostname else f"[{u.hostname}]:{port}"
         else:
             if u.netloc or not u.path.startswith("/"):
                 raise ValidationError(f"invalid store URL {url!r}: expected grpc+unix:///absolute/path.sock")
@@ -98,7 +102,7 @@ def open_store(
         if cache_dir is not None:
             from tvix_store.cached import open_cached_store
 
-            store = open_cached_store(store, Path(cache_dir), cache_size)
+            store = open_cached_store(store, Path(cache_dir), cache_size, timeout=timeout)
         return store
     raise ValidationError(
         f"unsupported store URL {url!r}: expected local:///path, memory://, grpc+http://HOST:PORT or grpc+unix:///path"

@@ -1,0 +1,240 @@
+"""Crash safety and multi-process use of the on-disk store, with real processes.
+
+Writers are killed with SIGKILL at random instants; afterwards every visible object must
+verify (`LocalStore.verify`, an fsck), nothing partial may be visible, and everything
+committed before must be intact. Several processes (CLI commands, a daemon) write
+overlapping data into one store directory at once; everything must read back correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, cli
+from tests.fixtures import HELLO, random_bytes
+from tvix_store.digest import B3Digest
+from tvix_store.local import LocalStore, open_local_store
+
+pytestmark = pytest.mark.slow
+
+# Puts blobs (small and multi-chunk), directories and path infos in a loop, printing one JSON
+# line per committed object; the data of round i is a function of i, so a checker can recompute it.
+WRITER = textwrap.dedent(
+    """
+    import json, random, sys
+    from tvix_store.store import open_store
+    from tvix_store.castore import Directory, FileNode
+    from tvix_store.pathinfo import PathInfo, StorePath
+
+    def data(i):
+        return random.Random(i).randbytes([10, 70_000, 1_300_000][i % 3] + i)
+
+    s = open_store(sys.argv[1])
+    i = int(sys.argv[2])
+    while True:
+        d = data(i)
+        bd = s.blobs.put(d)
+        print(json.dumps(["blob", i, bd.hex()]), flush=True)
+        top = Directory(files=(FileNode(b"f%d" % i, bd, len(d)),))
+        s.directories.put(top)
+        print(json.dumps(["dir", i, top.digest.hex()]), flush=True)
+        sp = StorePath.from_nar_sha256(bd, "p%d" % i)
+        s.pathinfos.put(PathInfo(top.as_node(sp.basename.encode())))
+        print(json.dumps(["pathinfo", i, sp.digest.hex()]), flush=True)
+        i += 1
+    """
+)
+
+
+def writer_data(i: int) -> bytes:
+    return random.Random(i).randbytes([10, 70_000, 1_300_000][i % 3] + i)
+
+
+def check_store(root: Path, committed: list[list]) -> None:  # type: ignore[type-arg]
+    """fsck the store, then check every object a writer reported as committed."""
+    s = open_local_store(root)
+    rep = s.verify()
+    assert rep.ok, rep.problems
+    for kind, i, hexd in committed:
+        if kind == "blob":
+            r = s.blobs.open_read(B3Digest.from_hex(hexd))
+            assert r is not None, f"committed blob {i} missing"
+            assert r.read() == writer_data(i)
+        elif kind == "dir":
+            d = s.directories.get(B3Digest.from_hex(hexd))
+            assert d is not None and d.files[0].name == b"f%d" % i
+        else:
+            info = s.pathinfos.get(bytes.fromhex(hexd))
+            assert info is not None and info.store_path.name == f"p{i}"
+    s.close()
+
+
+def assert_no_partial_blob(s: LocalStore, data: bytes) -> None:
+    """The blob is either absent or complete and correct."""
+    d = B3Digest.of(data)
+    r = s.blobs.open_read(d)
+    if r is not None:
+        assert r.read() == data
+
+
+def test_kill9_writer_at_random_instants(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"local://{root}"
+    rng = random.Random(1234)
+    committed: list[list] = []  # type: ignore[type-arg]
+    start = 0
+    for _ in range(4):
+        p = subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(rng.uniform(0.3, 0.9))
+        p.send_signal(signal.SIGKILL)
+        out, err = p.communicate()
+        assert p.returncode == -signal.SIGKILL, err.decode(errors="replace")
+        lines = [json.loads(ln) for ln in out.decode().splitlines()]
+        committed += lines
+        check_store(root, committed)
+        # the object being written when killed is absent or complete
+        s = open_local_store(root)
+        nxt = max((i for _, i, _ in lines), default=start - 1) + 1
+        assert_no_partial_blob(s, writer_data(nxt))
+        s.close()
+        start = nxt + 1000  # fresh data next round
+    assert any(k == "blob" for k, _, _ in committed)
+
+
+def test_kill9_cli_blob_put_of_large_file(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"local://{root}"
+    keep = cli("blob", "put", "--store", url, "-", input=HELLO).stdout.decode().strip()
+    rng = random.Random(99)
+    for k in range(4):
+        data = random_bytes(24 << 20, seed=500 + k)
+        f = tmp_path / f"big{k}"
+        f.write_bytes(data)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tvix_store.cli", "blob", "put", "--store", url, str(f)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.1, 0.5))
+        p.kill()
+        p.wait()
+        s = open_local_store(root)
+        rep = s.verify()
+        assert rep.ok, rep.problems
+        assert_no_partial_blob(s, data)
+        assert s.blobs.read_chunk(B3Digest.from_hex(keep)) == HELLO
+        s.close()
+        f.unlink()
+    # after a kill, putting the same data again works and the store is whole
+    data = random_bytes(24 << 20, seed=500)
+    d = B3Digest.of(data)
+    s = open_local_store(root)
+    assert s.blobs.put(data) == d and s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
+    assert s.verify().ok
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import json, random, sys
+    from tvix_store.store import open_store
+    from tvix_store.castore import Directory, FileNode
+    k = int(sys.argv[2])
+    s = open_store(sys.argv[1])
+    base = bytearray(random.Random(7).randbytes(12 << 20))   # shared by all processes
+    out = {"shared": s.blobs.put(bytes(base)).hex()}
+    base[(k + 1) << 20] ^= 0xFF                              # and a private variant
+    out["variant"] = s.blobs.put(bytes(base)).hex()
+    small = [s.blobs.put(b"small %d" % j).hex() for j in range(50)]  # identical in every process
+    out["small"] = small
+    nodes = [FileNode(b"f%02d" % j, s.blobs.put(b"small %d" % j), len(b"small %d" % j)) for j in range(50)]
+    d = Directory(files=tuple(nodes))
+    out["dir"] = s.directories.put(d).hex()
+    print(json.dumps(out))
+    """
+)
+
+
+def expected_concurrent(k: int) -> tuple[bytes, bytes]:
+    base = bytearray(random.Random(7).randbytes(12 << 20))
+    shared = bytes(base)
+    base[(k + 1) << 20] ^= 0xFF
+    return shared, bytes(base)
+
+
+def test_concurrent_processes_overlapping_data(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"local://{root}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, url, str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for k in range(4)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode(errors="replace")
+        results.append(json.loads(out))
+    s = open_local_store(root)
+    for k, res in enumerate(results):
+        shared, variant = expected_concurrent(k)
+        assert res["shared"] == B3Digest.of(shared).hex() == results[0]["shared"]
+        assert s.blobs.open_read(B3Digest.from_hex(res["variant"])).read() == variant  # type: ignore[union-attr]
+        assert res["small"] == results[0]["small"] and res["dir"] == results[0]["dir"]
+    assert s.blobs.open_read(B3Digest.from_hex(results[0]["shared"])).read() == expected_concurrent(0)[0]  # type: ignore[union-attr]
+    assert s.directories.get(B3Digest.from_hex(results[0]["dir"])) is not None
+    rep = s.verify()
+    assert rep.ok, rep.problems
+    # deduplicated: the shared 12 MiB plus a few changed chunks per variant
+    chunk_bytes = sum(p.stat().st_size for p in (root / "chunks").rglob("*") if p.is_file())
+    assert chunk_bytes < (12 << 20) + 4 * 2 * (1 << 20) + 50 * 16
+    assert not [p for p in (root / "tmp").iterdir()]
+
+
+def test_daemon_and_cli_processes_share_a_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"local://{root}"
+    d = Daemon(url)
+    try:
+        files = []
+        for k in range(3):
+            data = bytearray(random_bytes(8 << 20, seed=77))
+            data[k << 20] ^= 0x55
+            f = tmp_path / f"f{k}"
+            f.write_bytes(data)
+            files.append((f, bytes(data)))
+        # two CLI processes on the directory and one through the daemon, all at once
+        targets = [url, url, d.url]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tvix_store.cli", "blob", "put", "--store", t, str(f)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for t, (f, _) in zip(targets, files, strict=True)
+        ]
+        digests = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode(errors="replace")
+            digests.append(out.decode().strip())
+        for hexd, (_, data) in zip(digests, files, strict=True):
+            assert hexd == B3Digest.of(data).hex()
+            # readable through the daemon (its own writes and the CLI's) and directly
+            assert cli("blob", "cat", "--store", d.url, hexd).stdout == data
+            assert cli("blob", "cat", "--store", url, hexd).stdout == data
+    finally:
+        assert d.stop() == 0
+    rep = open_local_store(root).verify()
+    assert rep.ok, rep.problems

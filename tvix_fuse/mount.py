@@ -1,0 +1,304 @@
+"""The mount's lifecycle, in one place: checks, FUSE options, `pyfuse3.init`, the trio loop,
+signals, readiness, unmount; and `tvix-store mount` (foreground or background).
+
+- `run_foreground(store, mountpoint, …)`: mount, call `on_ready()` once the mount answers,
+  serve in the MAIN thread until unmounted (umount / fusermount3 -u) or SIGINT/SIGTERM
+  (which call `pyfuse3.terminate()`), then unmount. SIGUSR1 logs all counters in one line.
+  `tvix-store daemon --mount` calls this.
+- `cli_mount(args)`: `--foreground` runs the above; otherwise it re-executes itself with
+  `--foreground` as a detached child (new session, cwd /, stdin/stdout on /dev/null) and returns
+  only once the mount answers. Until then the child's stderr is a pipe to the parent, which
+  relays it (so a failure is the child's one error line); when ready, the child moves its
+  stderr to the mount log (`$XDG_STATE_HOME/tvix-store/mount.log`), which closes the pipe.
+
+The filesystem itself is `tvix_fuse.model` (behind `tvix_fuse.ops`). Errors here are
+`tvix_store.errors.StoreError` with a message fit for one CLI line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tvix_fuse.model import FsModel
+from tvix_fuse.ops import Operations
+from tvix_store.errors import StoreError
+from tvix_store.store import Store, default_store_dir
+
+log = logging.getLogger("tvix_fuse")
+
+READ_AHEAD_KB = 1024
+READY_TIMEOUT = 60.0
+_LOG_ENV = "_TVIX_MOUNT_LOG"  # set by the background parent for its child
+
+
+def fuse_options(*, allow_other: bool = False) -> set[str]:
+    """The mount options (pure): read-only, named tvix-store, kernel permission checks."""
+    opts = {"ro", "fsname=tvix-store", "subtype=tvix-store", "default_permissions", "noatime"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def check_mountpoint(mountpoint: str | os.PathLike[str]) -> str:
+    """The absolute mountpoint, or StoreError if it is missing, not a directory, not empty or a mount."""
+    mp = os.path.abspath(mountpoint)
+    if not os.path.lexists(mp):
+        raise StoreError(f"mountpoint {mp} does not exist")
+    if not os.path.isdir(mp):
+        raise StoreError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise StoreError(f"mountpoint {mp} is already a mount point")
+    try:
+        if os.listdir(mp):
+            raise StoreError(f"mountpoint {mp} is not empty")
+    except OSError as e:
+        raise StoreError(f"mountpoint {mp}: {e.strerror}") from None
+    return mp
+
+
+def check_fuse() -> None:
+    """StoreError unless this process can mount FUSE (/dev/fuse; fusermount3 when not root)."""
+    if not os.path.exists("/dev/fuse"):
+        raise StoreError("FUSE is not available: /dev/fuse is missing (load the fuse kernel module)")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise StoreError("FUSE is not available: fusermount3 is not installed (package fuse3)")
+
+
+def _mount_device(mountpoint: str) -> str | None:
+    """major:minor of the filesystem mounted at `mountpoint` (from /proc/self/mountinfo, no stat)."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[4].encode().decode("unicode_escape")  # octal escapes like \040
+                if point == mountpoint:
+                    found = fields[2]  # the last one is the top of the stack
+    except OSError:
+        return None
+    return found
+
+
+def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Raise the mount's BDI read_ahead_kb so the kernel sends large (up to 1 MiB) reads."""
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        log.debug("read_ahead_kb: %s not found in mountinfo", mountpoint)
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as e:
+        log.debug("cannot set read_ahead_kb of %s (%s): %s", mountpoint, dev, e)
+
+
+class _Stop:
+    """SIGINT/SIGTERM before the trio loop listens: remember it, stop right after mounting."""
+
+    requested = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def run_foreground(
+    store: Store,
+    mountpoint: str,
+    *,
+    store_root: bool = False,
+    allow_other: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount `store` at `mountpoint` and serve until unmounted or SIGINT/SIGTERM (main thread only).
+
+    `on_ready()` is called once, on the trio loop, when a stat of the mount root has been
+    answered; it must not block. Raises StoreError if the mount cannot be made.
+    """
+    mp = check_mountpoint(mountpoint)
+    check_fuse()
+    model = FsModel(store, store_root=store_root)
+    ops = Operations(model)
+    stop = _Stop()
+    saved = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            pyfuse3.init(ops, mp, fuse_options(allow_other=allow_other))
+        except RuntimeError:
+            _close(unmount=False)
+            raise StoreError(f"cannot mount FUSE at {mp} (see the lines above)") from None
+        try:
+            log.debug("mounted %s at %s", store.url, mp)
+            trio.run(_serve, model, mp, on_ready, stop)
+        finally:
+            _close(unmount=True)
+            log.info("unmounted %s", mp)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _close(unmount: bool) -> None:
+    try:
+        pyfuse3.close(unmount=unmount)
+    except Exception as e:  # cleanup must go on
+        log.debug("pyfuse3.close: %s", e)
+
+
+async def _serve(model: FsModel, mp: str, on_ready: Callable[[], None] | None, stop: _Stop) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
+        if stop.requested:
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, model)
+            nursery.start_soon(_announce_ready, mp, on_ready)
+            model.start_background(nursery)
+            await pyfuse3.main()
+            model.start_background(None)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], model: FsModel) -> None:
+    async for signum in signals:
+        if signum == signal.SIGUSR1:
+            counters = await model.all_counters()
+            log.info("counters: %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+            continue
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
+
+
+async def _announce_ready(mp: str, on_ready: Callable[[], None] | None) -> None:
+    def answered() -> None:
+        os.stat(mp)  # goes through the kernel to this very loop
+        if not os.path.ismount(mp):
+            raise StoreError(f"{mp} is not a mount point after mounting")
+        # only now: FUSE_INIT (answered by the loop) lowers the BDI read-ahead to its own value
+        set_read_ahead(mp)
+
+    await trio.to_thread.run_sync(answered, abandon_on_cancel=True)
+    log.debug("mount at %s answers", mp)
+    if on_ready is not None:
+        on_ready()
+
+
+# --- tvix-store mount ------------------------------------------------------------------
+
+
+def cli_mount(args: argparse.Namespace) -> int:
+    """`tvix-store mount`: see the module docstring."""
+    mp = check_mountpoint(args.mountpoint)
+    check_fuse()
+    if not args.foreground:
+        return _background(args, mp)
+    from tvix_store.cli import open_store_from_args
+
+    detach_to = os.environ.pop(_LOG_ENV, None)
+    store = open_store_from_args(args)
+    with store:
+
+        def ready() -> None:
+            if detach_to is not None:
+                _detach_stderr(detach_to)
+            log.info("mounted %s at %s", store.url or "store", mp)
+
+        run_foreground(store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready)
+    return 0
+
+
+def _log_path() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    d = os.path.join(base, "tvix-store")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError:
+        return os.devnull
+    return os.path.join(d, "mount.log")
+
+
+def _detach_stderr(path: str) -> None:
+    """Point fd 2 at the mount log (closing the pipe the background parent waits on)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _child_argv(args: argparse.Namespace, mp: str) -> list[str]:
+    argv = [sys.executable, "-m", "tvix_store.cli", "--log-level", args.log_level, "mount", "--foreground"]
+    # the child runs in / (so it keeps no directory busy): make the default store explicit
+    argv += ["--store", args.store or f"local://{default_store_dir().absolute()}"]
+    argv += ["--timeout", repr(args.timeout)]
+    if getattr(args, "cache_dir", None):
+        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    if getattr(args, "cache_size", None):
+        argv += ["--cache-size", str(args.cache_size)]
+    if args.store_root:
+        argv.append("--store-root")
+    if args.allow_other:
+        argv.append("--allow-other")
+    return [*argv, mp]
+
+
+def _background(args: argparse.Namespace, mp: str) -> int:
+    env = dict(os.environ)
+    env[_LOG_ENV] = _log_path()
+    proc = subprocess.Popen(
+        _child_argv(args, mp),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd="/",
+        env=env,
+    )
+    assert proc.stderr is not None
+    out = bytearray()
+    deadline = time.monotonic() + READY_TIMEOUT
+    fd = proc.stderr.fileno()
+    eof = False
+    while not eof:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if r:
+            chunk = os.read(fd, 65536)
+            eof = not chunk
+            out += chunk
+    proc.stderr.close()
+    if eof and proc.poll() is None and os.path.ismount(mp):
+        sys.stderr.write(out.decode(errors="replace"))
+        return 0  # ready: the child serves on, detached
+    if not eof or proc.poll() is None:
+        try:  # stuck or half-up: end it and leave nothing mounted
+            proc.wait(timeout=10 if eof else 0.01)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    lines = out.decode(errors="replace").splitlines()
+    errors = [ln for ln in lines if ln.startswith("tvix-store: ")]
+    for ln in lines:
+        if ln not in errors:
+            print(ln, file=sys.stderr)
+    if errors:
+        raise StoreError(errors[-1].split(": ", 2)[-1])
+    if not eof:
+        raise StoreError(f"the mount at {mp} did not answer within {READY_TIMEOUT:.0f} s")
+    raise StoreError(f"the mount process exited with status {proc.returncode}")
