@@ -59,6 +59,14 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def say(text: str) -> None:
+    """A line on stdout; a reader that went away (`| head`) does not stop the bench or its cleanup."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # --- results --------------------------------------------------------------------------------
 
 
@@ -611,7 +619,7 @@ class Bench:
         parts += [row.ratio if row.ratio != "-" else "", f"goal {row.goal}" if row.goal else ""]
         parts += [f"met: {row.met}" if row.met not in ("", "-") else ""]
         shown = ", ".join(p for p in parts if p)
-        print(f"{row.name}: {shown}" + (f"  [{row.note}]" if row.note else ""), flush=True)
+        say(f"{row.name}: {shown}" + (f"  [{row.note}]" if row.note else ""))
 
     def report(self, name: str, subject: Measurement, refs: list[tuple[Measurement, float | None]]) -> None:
         """Rows for the references (as measured) and one row per comparison of `subject` with one of them."""
@@ -624,8 +632,8 @@ class Bench:
                 continue
             ratio, met = "-", "-"
             s, r = subject.median, ref.median
-            if s is not None and r is not None and s > 0:
-                x = r / s
+            if s is not None and r is not None and s > 0 and ref.amount > 0:
+                x = (subject.amount / s) / (ref.amount / r)  # rates: the amounts may differ (a prefix of big)
                 ratio = f"{x:.2f}× {ref.label}"
                 if goal is not None:
                     met = "yes" if x >= goal else "no"
@@ -1138,7 +1146,10 @@ class Bench:
         if (why := self.peer("casync")) is not None:
             refs.append((self.skipped(label, why), 5.0))
         else:
-            cas = Measurement(label, amount=d.big_size, note="python3 -m http.server on 127.0.0.1")
+            prefix = min(d.big_size, 128 * MiB)  # casync over HTTP crawls (~25 MB/s): its rate from a prefix
+            cas = Measurement(
+                label, amount=prefix, note=f"python3 -m http.server on 127.0.0.1; first {prefix // MiB} MiB of big"
+            )
 
             def cas_go() -> None:
                 self.ensure_casync("big")
@@ -1149,9 +1160,8 @@ class Bench:
                             self.cold()
                             log(f"casync http mount big cold dd ({i + 1}/{self.runs})")
                             f = mnt.mnt / "big"
-                            cas.times.append(
-                                timed(["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"], timeout=600)
-                            )
+                            dd = ["dd", f"if={f}", "of=/dev/null", "bs=1M", f"count={prefix // MiB}", "status=none"]
+                            cas.times.append(timed(dd, timeout=600))
                 finally:
                     stop_process(srv)
 
@@ -1283,7 +1293,7 @@ class Bench:
 
     def row_offline(self) -> None:
         d = self.data
-        part = min(d.big_size, 64 * MiB if not self.args.quick else 16 * MiB)
+        part = min(d.big_size, 32 * MiB if not self.args.quick else 16 * MiB)
         row = Row("remote mount, 2nd mount on persistent cache, remote stopped", goal="reads ok, 0 B on wire")
         m = Measurement("offline")
         info: dict[str, str] = {}
@@ -1441,11 +1451,11 @@ def main(argv: list[str]) -> int:
     mode = "quick" if args.quick else "full"
     header = (
         f"scripts/bench ({mode}): big {big_mib} MiB, tree {n_files} files ({bench.data.tree_bytes / MiB:.1f} MiB), "
-        f"{args.runs} runs per row, medians; ratio = reference time / subject time (> 1: faster); "
+        f"{args.runs} runs per row, medians; ratio = subject rate / reference rate (> 1: faster); "
         f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s"
     )
     table = format_table(bench.rows)
-    print("\n" + header + "\n" + table)
+    say("\n" + header + "\n" + table)
     if args.output:
         Path(args.output).write_text(header + "\n" + table + "\n")
     return 0

@@ -114,19 +114,30 @@ def coexisting_disk_use(cache: Path) -> int:
     """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
 
     A directory walk is not atomic: a file counted early may be evicted before a new one is
-    counted later. So walk once, then re-stat what was counted: a file present at both stats
-    was present when the walk ended, so the sum of the survivors is a real disk use at that
-    moment (never an over-count caused by the walk itself)."""
-    seen = []
+    counted later. So walk once, then re-stat what was counted: a file with the same inode at
+    both stats existed all along, so all survivors existed together when the walk ended, and
+    their sum is a real disk use at that moment (never an over-count made by the walk itself)."""
+    seen: list[tuple[str, int]] = []
     for sub in ("chunks", "tmp"):
-        for root, _, files in os.walk(cache / sub):
-            seen.extend(os.path.join(root, f) for f in files if sub == "chunks" or f.startswith("c-"))
+        stack = [str(cache / sub)]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif sub == "chunks" or e.name.startswith("c-"):
+                    seen.append((e.path, e.inode()))
     total = 0
-    for p in seen:
+    for path, ino in seen:
         try:
-            total += os.lstat(p).st_blocks * 512
+            st = os.lstat(path)
         except FileNotFoundError:
-            pass
+            continue
+        if st.st_ino == ino:
+            total += st.st_blocks * 512
     return total
 
 
@@ -200,6 +211,7 @@ def test_corrupt_cached_chunk_is_discarded_and_refetched(tmp_path: Path, damage:
     store = open_cached_store(far_store(far), tmp_path / "c", 1 << 20)
     try:
         assert store.blobs.read_chunk(dg) == data
+        assert store.blobs.flush()  # type: ignore[attr-defined]
         path = tmp_path / "c" / "chunks" / dg.hex()[:2] / dg.hex()
         raw = bytearray(path.read_bytes())
         assert raw == data
@@ -213,6 +225,7 @@ def test_corrupt_cached_chunk_is_discarded_and_refetched(tmp_path: Path, damage:
         assert store.blobs.read_chunk(dg) == data
         assert far.reads[dg] == 2
         assert store.counters()["cache_corrupt"] == 1  # type: ignore[misc]
+        assert store.blobs.flush()  # type: ignore[attr-defined]
         assert path.read_bytes() == data  # re-inserted, whole
     finally:
         store.close()
@@ -363,16 +376,50 @@ def test_lru_bound_holds_under_3x_workload(tmp_path: Path) -> None:
         w.join()
     try:
         assert not over, f"cache used {max(over)} bytes on disk, bound {limit}"
+        assert store.blobs.flush()  # type: ignore[attr-defined]
         c = store.counters()  # type: ignore[misc]
         assert c["cache_evictions"] > 0
         assert 0 < c["cache_bytes"] <= limit
-        assert c["cache_bytes"] == coexisting_disk_use(cache)
+        # once background eviction is idle, the accounting is exactly what is on disk
+        poll(lambda: store.counters()["cache_bytes"] == coexisting_disk_use(cache), 5, "accounting == disk")  # type: ignore[misc]
         # a chunk larger than the whole cache is served, not cached
+        before = c["cache_uncacheable"]
         big = random_bytes(limit + 1, seed=7)
         dg = far.inner.put(big)
         assert store.blobs.read_chunk(dg) == big
+        assert store.blobs.flush()  # type: ignore[attr-defined]
         assert not (cache / "chunks" / dg.hex()[:2] / dg.hex()).exists()
-        assert store.counters()["cache_uncacheable"] == 1  # type: ignore[misc]
+        assert store.counters()["cache_uncacheable"] == before + 1  # type: ignore[misc]
+    finally:
+        store.close()
+
+
+def test_foreground_eviction_alone_holds_the_bound_exactly_in_lru_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tvix_store.blobservice.cached as cached_mod
+
+    monkeypatch.setattr(cached_mod, "HIGH_WATERMARK", 100.0)  # no background eviction
+    far = FaultyBlobs()
+    rng = random.Random(11)
+    datas = [random_bytes(rng.randrange(9_000, 30_000), seed=200 + i) for i in range(40)]
+    ds = [far.inner.put(d) for d in datas]
+    limit = 200_000
+    cache = tmp_path / "c"
+    store = open_cached_store(far_store(far), cache, limit)
+    try:
+        for i, (d, data) in enumerate(zip(ds, datas, strict=True)):
+            assert store.blobs.read_chunk(d) == data
+            if i % 3 == 0:
+                assert store.blobs.read_chunk(ds[0]) == datas[0]  # keep ds[0] recent
+            assert store.blobs.flush()  # type: ignore[attr-defined]
+            use = coexisting_disk_use(cache)
+            assert use <= limit
+            if sum(cached_mod.disk_charge(len(x)) for x in datas[: i + 1]) > limit:
+                assert use > limit - 2 * 32_768, "evicted more than needed"
+        present = {e.name for e in chunk_files(cache)}
+        assert ds[0].hex() in present and ds[-1].hex() in present
+        assert ds[1].hex() not in present  # least recently used went first
     finally:
         store.close()
 
@@ -424,6 +471,7 @@ def test_second_process_on_same_cache_dir_reads_but_does_not_write(tmp_path: Pat
     s2 = open_cached_store(far_store(far), tmp_path / "c", 1 << 20)  # flock held by s1: read-only
     try:
         s1.blobs.read_chunk(a)
+        assert s1.blobs.flush()  # type: ignore[attr-defined]
         assert s2.blobs.read_chunk(a) is not None and far.reads[a] == 1
         assert s2.blobs.read_chunk(b) is not None
         assert {e.name for e in chunk_files(tmp_path / "c")} == {a.hex()}
@@ -531,9 +579,12 @@ def test_real_remote_wire_bytes_stall_and_recovery(tmp_path: Path, remote: tuple
         # a full read: everything arrives once, verified end to end
         r.seek(0)
         assert r.read() == data
+        poll(lambda: store.counters()["in_flight"] == 0, 10, "prefetches")  # type: ignore[misc]
+        fetched = store.counters()["chunks_fetched"]  # type: ignore[misc]
         px.reset_counts()
         assert store.blobs.open_read(dg).read() == data  # type: ignore[union-attr]
-        assert px.total == 0
+        assert store.counters()["chunks_fetched"] == fetched  # type: ignore[misc]
+        assert px.total < 256, px.total  # no data: at most HTTP/2 pings and window updates
         # the remote stalls: a miss fails within the timeout, then at once, then recovers
         with open_store(daemon.url) as s:
             other = s.blobs.put(random_bytes(100_000, seed=61))

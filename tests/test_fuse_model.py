@@ -424,6 +424,37 @@ def test_sequential_reads_hint_prefetch_with_bounded_window() -> None:
     run(main)
 
 
+def test_one_large_read_at_a_random_offset_fetches_only_its_range() -> None:
+    """The kernel splits one large read into sequential requests; that run must not start
+    read-ahead or prefetch until it has covered SEQUENTIAL_MIN_BYTES (wire bytes ≤ 2× read)."""
+    from tvix_fuse.model import SEQUENTIAL_MIN_BYTES
+
+    s, blobs = chunking_store()
+    size = 8 * SEQUENTIAL_MIN_BYTES
+    data = random.Random(10).randbytes(size)
+    digest = blobs.add(data, [64 * 1024] * (size // (64 * 1024)))
+    m = FsModel(s)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            m.start_background(n)
+            a = await m.lookup(BLOBS_INO, digest.hex().encode())
+            fh = await m.open(a.ino, os.O_RDONLY)
+            start = 3 * SEQUENTIAL_MIN_BYTES + 12345
+            read = 1 << 20
+            out = b""
+            for off in range(start, start + read, 128 * 1024):  # 1 MiB as 8 kernel requests
+                out += await m.read(fh, off, 128 * 1024)
+            assert out == data[start : start + read]
+            m.start_background(None)
+        assert blobs.prefetched == []
+        assert m.counters.readahead_chunks == 0
+        fetched = sum(blobs.mem.size(d) or 0 for d in set(blobs.fetches))
+        assert fetched <= read + 2 * 64 * 1024
+
+    run(main)
+
+
 # --- holes and errors ----------------------------------------------------------------------
 
 

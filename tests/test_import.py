@@ -363,15 +363,12 @@ def test_several_paths_print_one_line_each_and_stop_at_first_error(tmp_path: Pat
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_upload_failure_reaches_caller_and_registers_nothing(
-    workers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(importer, "WORKERS", workers)
+def test_upload_failure_reaches_caller_and_registers_nothing(workers: int, tmp_path: Path) -> None:
     tree = rich_tree(tmp_path / "tree", big=False)  # the small files' upload phase fails
     store = open_store("memory://")
     s, b, d, p = counting(store, fail_puts=True)
     with pytest.raises(StoreError, match="injected"):
-        import_path(s, tree)
+        import_path(s, tree, workers=workers)
     assert b.writes >= 1
     assert d.graph_puts == [] and p.puts == 0
     assert list(store.pathinfos.iter_all()) == []

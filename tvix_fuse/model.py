@@ -70,6 +70,10 @@ PREFETCH_MAX_CHUNKS = 16
 #: chunks the model itself fetches into its LRU ahead of a sequential reader (background
 #: tasks, at most half the offload threads), so store reads and hashing overlap the kernel's
 READAHEAD_CHUNKS = 4
+#: a run of sequential reads that did not start at offset 0 must cover this many bytes
+#: before read-ahead and prefetch start: one large read at a random offset (which the
+#: kernel splits into several sequential requests) must not fetch beyond its range
+SEQUENTIAL_MIN_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class DirEntry:
 class FileHandle:
     inode: Inode
     next_off: int = 0  # where a sequential reader continues
+    run_from: int = 0  # where the current run of sequential reads began
     window: int = PREFETCH_MIN_CHUNKS
     hinted: int = -1  # highest chunk index already passed to prefetch
 
@@ -393,8 +398,12 @@ class FsModel:
         """Sequential reader: pass the next chunks to BlobService.prefetch (a non-blocking hint,
         so it is called on the loop). The window doubles per sequential read up to
         PREFETCH_MAX_CHUNKS and resets on a seek; a chunk is hinted once per handle.
-        Then read ahead: fetch the next READAHEAD_CHUNKS into the LRU in the background."""
-        if off == h.next_off:
+        Then read ahead: fetch the next READAHEAD_CHUNKS into the LRU in the background.
+        Both start only once the run is clearly sequential: it began at offset 0 or has
+        covered SEQUENTIAL_MIN_BYTES (so a lone read at a random offset fetches only its range)."""
+        if off != h.next_off:
+            h.run_from = off
+        if off == h.next_off and (h.run_from == 0 or end - h.run_from >= SEQUENTIAL_MIN_BYTES):
             self._read_ahead(chunks, last, blob)
             if h.hinted >= last:
                 h.window = min(h.window * 2, PREFETCH_MAX_CHUNKS)

@@ -99,7 +99,8 @@ class CircuitBreaker:
             return
 
     def close(self) -> None:
-        self._stop.set()
-        t = self._prober
+        with self._lock:  # trip() starts the prober under this lock: never see it unstarted
+            self._stop.set()
+            t = self._prober
         if t is not None and t is not threading.current_thread():
             t.join(timeout=0.1)

@@ -91,6 +91,7 @@ class CacheDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._tmp = str(root / "tmp")
         try:
             root.mkdir(parents=True, exist_ok=True)
             vf = root / "VERSION"
@@ -126,17 +127,17 @@ class CacheDir:
             return self.root / kind / name
         return self.root / kind / name[:2] / name
 
-    def write_atomic(self, dest: Path, data: bytes | memoryview, prefix: str = "m-") -> None:
+    def write_atomic(self, dest: str | Path, data: bytes | memoryview, prefix: str = "m-") -> None:
         """Write a complete file (temp + rename; no fsync: a cache may lose its last writes).
         The temp file is `tmp/<prefix><random>`: `c-` for chunks (counted against the bound), `m-` else."""
-        tmp = self.root / "tmp" / (prefix + uuid.uuid4().hex)
+        tmp = os.path.join(self._tmp, prefix + uuid.uuid4().hex)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
             try:
                 os.rename(tmp, dest)
             except FileNotFoundError:
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
                 os.rename(tmp, dest)
         except BaseException:
             try:

@@ -11,8 +11,9 @@ Policy (details and numbers in docs/cache.md):
   disk; a corrupt or truncated file is discarded and fetched again.
 - Bound: `ChunkLRU` keeps chunk bytes on disk (each file counted rounded up to 4 KiB) within
   `cache_size` at every moment: room is made (least recently used first) before a chunk is
-  written, a background thread keeps usage below a low watermark so reads rarely wait for
-  that, and a chunk larger than the whole cache is served but not cached. Recency persists
+  written, a background thread keeps usage below a low watermark so writes rarely wait for
+  that, and a chunk larger than the whole cache is served but not cached. Chunks are written
+  behind the reader's back by one writer thread (served from memory until written). Recency persists
   across restarts as file mtimes (touched on every hit).
 - Concurrency: concurrent misses for one chunk share one fetch (single flight); `prefetch`
   starts background fetches on a bounded pool and never blocks; a read of a chunk whose
@@ -26,11 +27,13 @@ Not here: the directory layout and locking (`tvix_store.cachedir`), Directories 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -51,6 +54,8 @@ T = TypeVar("T")
 BLOCK = 4096
 _META = struct.Struct(">32sQ")
 
+#: chunks fetched but not yet written to the cache (bytes); a fetch waits when more are queued
+WRITE_BEHIND_BYTES = 64 << 20
 #: a background eviction pass starts above HIGH and stops at LOW (fractions of the bound)
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.85
@@ -100,7 +105,8 @@ class ChunkLRU:
 
     `get` re-verifies what it reads; `put` makes room first. Accounting (`used`) counts every
     chunk file on disk plus reservations for files being written, so the bound holds at every
-    moment (races may evict a little more than needed, never keep more than allowed).
+    moment: a writer that finds the room held by concurrent writers or evictions in progress
+    waits for them (≤ 1 s), then gives up caching rather than overshoot.
     """
 
     def __init__(self, cdir: CacheDir, limit: int | None, stats: CacheStats) -> None:
@@ -108,11 +114,22 @@ class ChunkLRU:
         self.limit = limit
         self._stats = stats
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._index: OrderedDict[B3Digest, int] = OrderedDict()  # digest -> charge, LRU first
-        self.used = 0
+        self.used = 0  # bytes of chunk files on disk + reservations of files being written
+        self._pending = 0  # of which: victims taken from the index, not yet unlinked
+        self._evicting: set[B3Digest] = set()  # those victims
+        self._writing = 0  # of which: reservations of files being written
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._evictor: threading.Thread | None = None
+        # write-behind: fetched chunks are written by one thread, off the readers' path
+        self._wcond = threading.Condition()
+        self._wq: deque[tuple[B3Digest, bytes]] = deque()
+        self._wq_bytes = 0
+        self._unwritten: dict[B3Digest, bytes] = {}
+        self._writer: threading.Thread | None = None
+        self._writer_busy = False
         if cdir.writable:
             self._scan()
             self._evict_to(self.limit if self.limit is not None else None)
@@ -141,8 +158,9 @@ class ChunkLRU:
             self.used += charge
 
     def _publish(self) -> None:
-        self._stats.set("cache_bytes", self.used)
-        self._stats.set("cache_chunks", len(self._index))
+        with self._lock:  # under the lock, so a stale value can never overwrite a newer one
+            self._stats.set("cache_bytes", self.used)
+            self._stats.set("cache_chunks", len(self._index))
 
     def _path(self, digest: B3Digest) -> str:
         h = digest.hex()
@@ -150,11 +168,64 @@ class ChunkLRU:
 
     def contains(self, digest: B3Digest) -> bool:
         if self._dir.writable:
-            return digest in self._index
+            return digest in self._index or digest in self._unwritten
         return os.path.exists(self._path(digest))
+
+    def put_later(self, digest: B3Digest, data: bytes) -> None:
+        """Queue verified bytes for `put` by the writer thread (so a reader never waits for the
+        disk); until written they are served from memory. Blocks only while more than
+        WRITE_BEHIND_BYTES are queued."""
+        if not self._dir.writable:
+            return
+        with self._wcond:
+            if digest in self._unwritten or self._stop.is_set():
+                return
+            while self._wq and self._wq_bytes + len(data) > WRITE_BEHIND_BYTES and not self._stop.is_set():
+                self._wcond.wait(1.0)
+            self._unwritten[digest] = data
+            self._wq.append((digest, data))
+            self._wq_bytes += len(data)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="tvix-cache-write", daemon=True)
+                self._writer.start()
+            self._wcond.notify_all()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wcond:
+                while not self._wq and not self._stop.is_set():
+                    self._wcond.wait()
+                if not self._wq:
+                    return
+                digest, data = self._wq.popleft()
+                self._writer_busy = True
+            try:
+                self.put(digest, data)
+            except Exception as e:  # a cache may miss; never lose the writer thread
+                log.warning("cannot cache chunk %s: %s", digest.hex(), e)
+            finally:
+                with self._wcond:
+                    self._unwritten.pop(digest, None)
+                    self._wq_bytes -= len(data)
+                    self._writer_busy = False
+                    self._wcond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued chunk is written (or dropped); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._wcond:
+            while self._wq or self._writer_busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wcond.wait(left)
+        return True
 
     def get(self, digest: B3Digest) -> bytes | None:
         """The verified bytes of a cached chunk, or None (absent, or corrupt and now discarded)."""
+        data = self._unwritten.get(digest)
+        if data is not None:
+            return data
         path = self._path(digest)
         try:
             with open(path, "rb") as f:
@@ -199,48 +270,71 @@ class ChunkLRU:
             return False
         charge = disk_charge(len(data))
         victims: list[tuple[B3Digest, int]] = []
-        with self._lock:
-            if digest in self._index:
-                self._index.move_to_end(digest)
-                return True
+        with self._cond:
+            # a chunk being evicted must be gone before it is written again (else the unlink
+            # would remove the new file)
+            deadline = time.monotonic() + 1.0
+            while digest in self._evicting and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if digest in self._index or digest in self._evicting:
+                if digest in self._index:
+                    self._index.move_to_end(digest)
+                return digest in self._index
             if self.limit is not None:
                 if charge > self.limit:
                     self._stats.add("cache_uncacheable")
                     return False
-                freed = 0
-                while self.used - freed + charge > self.limit and self._index:
-                    d, c = self._index.popitem(last=False)
-                    victims.append((d, c))
-                    freed += c
-                if self.used - freed + charge > self.limit:
-                    # the rest is reserved by concurrent writers: give up rather than overshoot
-                    for d, c in reversed(victims):  # not removed from disk: put them back, oldest first
+                deadline = time.monotonic() + 1.0
+                while True:
+                    freed = 0
+                    while self.used - freed + charge > self.limit and self._index:
+                        d, c = self._index.popitem(last=False)
+                        victims.append((d, c))
+                        freed += c
+                    if self.used - freed + charge <= self.limit:
+                        break
+                    # the rest is held by concurrent writers or evictions in progress: put the
+                    # victims back (still on disk) and wait for those to finish, never overshoot
+                    for d, c in reversed(victims):
                         self._index[d] = c
                         self._index.move_to_end(d, last=False)
+                    victims = []
+                    left = deadline - time.monotonic()
+                    if (self._pending or self._writing) and left > 0:
+                        self._cond.wait(left)
+                        continue
                     self._stats.add("cache_uncacheable")
                     return False
+                self._pending += freed
+                self._evicting.update(d for d, _ in victims)
             self.used += charge  # reservation for the file about to be written
+            self._writing += charge
         self._unlink(victims)
         try:
-            self._dir.write_atomic(self._dir.path("chunks", digest.hex()), data, prefix="c-")
+            self._dir.write_atomic(self._path(digest), data, prefix="c-")
         except OSError as e:
             log.warning("cannot write chunk %s to the cache: %s", digest.hex(), e)
-            with self._lock:
+            with self._cond:
                 self.used -= charge
+                self._writing -= charge
+                self._cond.notify_all()
             self._publish()
             return False
-        with self._lock:
+        with self._cond:
+            self._writing -= charge
             if digest in self._index:  # a concurrent put of the same chunk won
                 self.used -= charge
             else:
                 self._index[digest] = charge
             over_high = self.limit is not None and self.used > self.limit * HIGH_WATERMARK
+            self._cond.notify_all()
         self._publish()
         if over_high:
             self._wake.set()
         return True
 
     def _unlink(self, victims: list[tuple[B3Digest, int]]) -> None:
+        """Remove victims popped from the index (and counted in `_pending`) from disk."""
         for d, c in victims:
             try:
                 os.unlink(self._path(d))
@@ -248,12 +342,18 @@ class ChunkLRU:
                 pass
             except OSError as e:  # still on disk: keep counting it (and remember it again)
                 log.warning("cannot evict cached chunk %s: %s", d.hex(), e)
-                with self._lock:
+                with self._cond:
+                    self._pending -= c
+                    self._evicting.discard(d)
                     self._index[d] = c
                     self._index.move_to_end(d, last=False)
+                    self._cond.notify_all()
                 continue
-            with self._lock:
+            with self._cond:
                 self.used -= c
+                self._pending -= c
+                self._evicting.discard(d)
+                self._cond.notify_all()
             self._stats.add("cache_evictions")
         if victims:
             self._publish()
@@ -271,6 +371,8 @@ class ChunkLRU:
                     d, c = self._index.popitem(last=False)
                     batch.append((d, c))
                     excess -= c
+                self._pending += sum(c for _, c in batch)
+                self._evicting.update(d for d, _ in batch)
             self._unlink(batch)
 
     def _evict_loop(self) -> None:
@@ -284,10 +386,16 @@ class ChunkLRU:
                 self._evict_to(self.limit * LOW_WATERMARK)
 
     def close(self) -> None:
-        self._stop.set()
+        if not self.flush(timeout=10):
+            log.warning("cache close: %d chunks not written", len(self._wq))
+        with self._wcond:
+            self._stop.set()
+            self._wq.clear()
+            self._wcond.notify_all()
         self._wake.set()
-        if self._evictor is not None:
-            self._evictor.join(timeout=1)
+        for t in (self._evictor, self._writer):
+            if t is not None:
+                t.join(timeout=1)
 
 
 class _Flight:
@@ -425,19 +533,19 @@ class CachedBlobService(BlobService):
 
     def _fetch(self, digest: B3Digest) -> bytes | None:
         self.stats.add("in_flight")
-        try:
+        try:  # `in_flight` drops only once the counters of this fetch are final
             data = self._remote(self._far.read_chunk, digest)
+            if data is None:
+                return None
+            if self._verify_far and B3Digest.of(data) != digest:
+                self.stats.add("verify_failures")
+                log.error("remote sent chunk %s with wrong bytes (%d bytes): rejected", digest.hex(), len(data))
+                raise IntegrityError(f"chunk {digest.hex()} from the remote does not match its digest")
+            self.stats.add("chunks_fetched")
+            self.stats.add("bytes_fetched", len(data))
         finally:
             self.stats.add("in_flight", -1)
-        if data is None:
-            return None
-        if self._verify_far and B3Digest.of(data) != digest:
-            self.stats.add("verify_failures")
-            log.error("remote sent chunk %s with wrong bytes (%d bytes): rejected", digest.hex(), len(data))
-            raise IntegrityError(f"chunk {digest.hex()} from the remote does not match its digest")
-        self.stats.add("chunks_fetched")
-        self.stats.add("bytes_fetched", len(data))
-        self._lru.put(digest, data)
+        self._lru.put_later(digest, data)
         return data
 
     def _remote(self, fn: Callable[..., T], *args: object) -> T:
@@ -540,6 +648,10 @@ class CachedBlobService(BlobService):
                 continue
         return iter(out)
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the chunks fetched so far are written to the cache directory."""
+        return self._lru.flush(timeout)
+
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -551,27 +663,60 @@ class CachedBlobService(BlobService):
 
 
 class _PrefetchingReader(ChunkedReader):
+    """`ChunkedReader` that asks for the chunks a `read(n)` covers all at once (fetched in
+    parallel), reads ahead while reads continue where the last one ended, and checks the whole
+    blob's digest when it was read in order from start to end."""
+
     def __init__(self, svc: CachedBlobService, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
         super().__init__(svc, chunks)
         self._csvc = svc
         self._digest = digest
-        self._last = -1
-        self._hinted = -1
-        self._run_start = 0  # first chunk of the current sequential run
+        self._last = -1  # last chunk index loaded
+        self._hinted = -1  # highest chunk index passed to prefetch
+        self._next_pos = 0  # where the previous read() ended
+        self._run_start = 0  # where the current sequential run of read() calls started
         self._hasher: blake3.blake3 | None = blake3.blake3()
         self._failed: IntegrityError | None = None
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if self._failed is not None:
+            raise self._failed
+        pos = self._pos
+        if size is None or size < 0:
+            size = self._size - pos
+        end = min(pos + size, self._size)
+        if pos < end:
+            if pos != self._next_pos:  # a seek: a new run
+                self._run_start = pos
+                self._hinted = -1
+            window = self._csvc.readahead_bytes
+            if self._run_start > 0:  # a run that began with a seek: grow with what it read
+                window = min(window, 2 * (pos - self._run_start))
+            self._hint(pos, end, window)
+        try:
+            return super().read(size)
+        finally:
+            self._next_pos = self._pos
+
+    def _hint(self, pos: int, end: int, window: int) -> None:
+        first = bisect.bisect_right(self._offsets, pos) - 1
+        last = bisect.bisect_right(self._offsets, end - 1) - 1
+        j = last + 1
+        ahead = 0
+        while j < len(self._chunks) and ahead < window:
+            ahead += self._chunks[j].size
+            j += 1
+        start = max(first + 1, self._hinted + 1)  # the first chunk is read right away
+        if start < j:
+            self._hinted = j - 1
+            self._csvc.prefetch([c.digest for c in self._chunks[start:j]])
 
     def _chunk_at(self, idx: int) -> bytes:
         if self._failed is not None:
             raise self._failed
-        sequential = idx == self._last + 1
-        if sequential:
-            self._hint(idx)
-        elif idx != self._last:
-            self._run_start = idx
         data = super()._chunk_at(idx)
         if idx != self._last:
-            if self._hasher is not None and sequential:
+            if self._hasher is not None and idx == self._last + 1:
                 self._hasher.update(data)
                 if idx == len(self._chunks) - 1:
                     got = B3Digest(self._hasher.digest())
@@ -582,26 +727,7 @@ class _PrefetchingReader(ChunkedReader):
                         self._cur = None
                         self._failed = IntegrityError(f"chunks of blob {self._digest.hex()} do not add up to the blob")
                         raise self._failed
-            elif not sequential:
+            else:
                 self._hasher = None
             self._last = idx
         return data
-
-    def _hint(self, idx: int) -> None:
-        """Keep a window of chunks after `idx` requested: `readahead_bytes` for a read from the
-        start, else twice what this sequential run read so far (so one random read does not
-        fetch megabytes it will not use), capped at `readahead_bytes`."""
-        window = self._csvc.readahead_bytes
-        if self._run_start > 0:
-            window = min(window, 2 * (self._offsets[idx] - self._offsets[self._run_start]))
-        ahead = 0
-        j = idx + 1
-        want: list[B3Digest] = []
-        while j < len(self._chunks) and ahead < window:
-            if j > self._hinted:
-                want.append(self._chunks[j].digest)
-                self._hinted = j
-            ahead += self._chunks[j].size
-            j += 1
-        if want:
-            self._csvc.prefetch(want)
