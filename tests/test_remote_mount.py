@@ -98,10 +98,10 @@ def stat_counter(mnt: Path, name: str) -> int:
 
 
 def pread_random(path: Path, off: int, n: int) -> bytes:
-    """One read the way a random reader does it: no kernel read-ahead (FADV_RANDOM)."""
+    """One plain read at an offset, as any program does it (no fadvise): the kernel's own
+    read-ahead counts against the wire budget too."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return os.pread(fd, n, off)
     finally:
         os.close(fd)
@@ -308,9 +308,14 @@ def test_cache_bound_is_held_while_reading_more_than_fits(tmp_path: Path, remote
     over: list[int] = []
     stop = threading.Event()
 
+    # The cache charges each chunk its size rounded up to 4 KiB and keeps that sum <= limit
+    # exactly (cache_bytes, asserted below). st_blocks may briefly show a little more while
+    # ext4 holds delayed-allocation reservations for a file being written: allow 64 KiB.
+    fs_slack = 64 << 10
+
     def watch() -> None:
         while not stop.is_set():
-            if (u := coexisting_disk_use(cache)) > limit:
+            if (u := coexisting_disk_use(cache)) > limit + fs_slack:
                 over.append(u)
             time.sleep(0.005)
 
@@ -343,6 +348,7 @@ def test_cache_survives_remount_and_serves_with_the_remote_gone(
         assert first == read_tree(remote.tree)
         blob = m.mountpoint / "blobs" / remote.big_digest.hex()
         assert pread_random(blob, region[0], region[1] - region[0]) == remote.big[region[0] : region[1]]
+        settle(m.mountpoint, proxy)  # let prefetches started by the sequential read land in the cache
     finally:
         m.cleanup()
     assert not list((cache / "tmp").iterdir())

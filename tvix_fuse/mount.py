@@ -39,7 +39,20 @@ from tvix_store.store import Store, default_store_dir
 
 log = logging.getLogger("tvix_fuse")
 
+#: kernel read-ahead of the mount (BDI read_ahead_kb): also the largest read request size.
+#: Local stores: 1 MiB requests (~1.6x the throughput of the default 128 KiB).
 READ_AHEAD_KB = 1024
+#: Remote stores: the kernel's read-ahead crosses the wire (a 1 MiB read at a random offset
+#: made it ask for 3 MiB with 1024), so keep it small; the model's own prefetcher, which
+#: stops on random access, provides the sequential throughput instead.
+REMOTE_READ_AHEAD_KB = 256
+
+
+def read_ahead_kb_for(store: Store) -> int:
+    """The read-ahead for a store (pure): small when data comes over the network."""
+    return REMOTE_READ_AHEAD_KB if store.url.startswith("grpc+") else READ_AHEAD_KB
+
+
 READY_TIMEOUT = 60.0
 _LOG_ENV = "_TVIX_MOUNT_LOG"  # set by the background parent for its child
 
@@ -162,7 +175,7 @@ async def _serve(model: FsModel, mp: str, on_ready: Callable[[], None] | None, s
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, model)
-            nursery.start_soon(_announce_ready, mp, on_ready)
+            nursery.start_soon(_announce_ready, mp, on_ready, read_ahead_kb_for(model.store))
             model.start_background(nursery)
             await pyfuse3.main()
             model.start_background(None)
@@ -179,13 +192,13 @@ async def _watch_signals(signals: AsyncIterator[int], model: FsModel) -> None:
         pyfuse3.terminate()
 
 
-async def _announce_ready(mp: str, on_ready: Callable[[], None] | None) -> None:
+async def _announce_ready(mp: str, on_ready: Callable[[], None] | None, read_ahead_kb: int) -> None:
     def answered() -> None:
         os.stat(mp)  # goes through the kernel to this very loop
         if not os.path.ismount(mp):
             raise StoreError(f"{mp} is not a mount point after mounting")
         # only now: FUSE_INIT (answered by the loop) lowers the BDI read-ahead to its own value
-        set_read_ahead(mp)
+        set_read_ahead(mp, read_ahead_kb)
 
     await trio.to_thread.run_sync(answered, abandon_on_cancel=True)
     log.debug("mount at %s answers", mp)
