@@ -1,4 +1,5 @@
-"""Shared test data: blobs with digests known independently (PROTOCOL.md, b3sum) and tree builders."""
+"""Shared test data and helpers: blobs with digests known independently (PROTOCOL.md, b3sum),
+tree builders, and disk-use measurement of a cache directory."""
 
 from __future__ import annotations
 
@@ -36,3 +37,34 @@ def make_tree(root: Path, seed: int = 0) -> Path:
     os.symlink("does/not/exist", root / "link-dangling")
     os.symlink("../a.txt", root / "sub" / "up")
     return root
+
+
+def coexisting_disk_use(cache: Path) -> int:
+    """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
+
+    A directory walk is not atomic: a file counted early may be evicted before a new one is
+    counted later. So walk once, then re-stat what was counted: a file with the same inode at
+    both stats existed all along, so all survivors existed together when the walk ended, and
+    their sum is a real disk use at that moment (never an over-count made by the walk itself)."""
+    seen: list[tuple[str, int]] = []
+    for sub in ("chunks", "tmp"):
+        stack = [str(cache / sub)]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif sub == "chunks" or e.name.startswith("c-"):
+                    seen.append((e.path, e.inode()))
+    total = 0
+    for path, ino in seen:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_ino == ino:
+            total += st.st_blocks * 512
+    return total

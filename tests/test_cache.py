@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Daemon
-from fixtures import random_bytes
+from fixtures import coexisting_disk_use, random_bytes
 from tcpproxy import TcpProxy
 
 from tvix_store import wire
@@ -108,37 +108,6 @@ def chunk_files(cache: Path) -> list[os.DirEntry[str]]:
             out.extend(e for e in os.scandir(root) if e.is_file())
             del files
     return out
-
-
-def coexisting_disk_use(cache: Path) -> int:
-    """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
-
-    A directory walk is not atomic: a file counted early may be evicted before a new one is
-    counted later. So walk once, then re-stat what was counted: a file with the same inode at
-    both stats existed all along, so all survivors existed together when the walk ended, and
-    their sum is a real disk use at that moment (never an over-count made by the walk itself)."""
-    seen: list[tuple[str, int]] = []
-    for sub in ("chunks", "tmp"):
-        stack = [str(cache / sub)]
-        while stack:
-            try:
-                entries = list(os.scandir(stack.pop()))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif sub == "chunks" or e.name.startswith("c-"):
-                    seen.append((e.path, e.inode()))
-    total = 0
-    for path, ino in seen:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if st.st_ino == ino:
-            total += st.st_blocks * 512
-    return total
 
 
 def poll(cond: object, timeout: float, what: str) -> None:

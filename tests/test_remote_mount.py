@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, cli
-from fixtures import make_tree, random_bytes
+from fixtures import coexisting_disk_use, make_tree, random_bytes
 from mountutil import MountProc, requires_fuse
 from tcpproxy import TcpProxy
 
@@ -105,37 +105,6 @@ def pread_random(path: Path, off: int, n: int) -> bytes:
         return os.pread(fd, n, off)
     finally:
         os.close(fd)
-
-
-def coexisting_disk_use(cache: Path) -> int:
-    """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
-
-    A directory walk is not atomic: a file counted early may be evicted before a new one is
-    counted later. So walk once, then re-stat what was counted: a file with the same inode at
-    both stats existed all along, so all survivors existed together when the walk ended, and
-    their sum is a real disk use at that moment (never an over-count made by the walk itself)."""
-    seen: list[tuple[str, int]] = []
-    for sub in ("chunks", "tmp"):
-        stack = [str(cache / sub)]
-        while stack:
-            try:
-                entries = list(os.scandir(stack.pop()))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif sub == "chunks" or e.name.startswith("c-"):
-                    seen.append((e.path, e.inode()))
-    total = 0
-    for path, ino in seen:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if st.st_ino == ino:
-            total += st.st_blocks * 512
-    return total
 
 
 def read_tree(root: Path) -> dict[str, bytes]:

@@ -20,9 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from tvix_store.errors import UnavailableError
+from tvix_store.errors import IntegrityError, UnavailableError
 
 log = logging.getLogger("tvix_store.breaker")
 
@@ -104,3 +104,24 @@ class CircuitBreaker:
             t = self._prober
         if t is not None and t is not threading.current_thread():
             t.join(timeout=0.1)
+
+
+class _Counters(Protocol):
+    def add(self, name: str, n: int = 1) -> None: ...
+
+
+def guarded_call(breaker: CircuitBreaker, stats: _Counters, what: str, fn: Callable[..., T], *args: object) -> T:
+    """Call the remote unless the breaker is open: a call that times out (UnavailableError)
+    opens it and counts `timeouts`; data that fails verification counts `verify_failures` and
+    is logged naming `what`. The one policy every cached service applies to its remote."""
+    breaker.check()
+    try:
+        return fn(*args)
+    except UnavailableError as e:
+        stats.add("timeouts")
+        breaker.trip(e)
+        raise
+    except IntegrityError as e:
+        stats.add("verify_failures")
+        log.error("remote %s failed verification: %s", what, e)
+        raise

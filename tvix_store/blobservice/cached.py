@@ -42,7 +42,7 @@ from typing import BinaryIO, TypeVar
 import blake3
 
 from tvix_store.blobservice import BlobService, BlobWriter, ChunkedReader, ChunkMeta
-from tvix_store.breaker import CircuitBreaker
+from tvix_store.breaker import CircuitBreaker, guarded_call
 from tvix_store.cachedir import CacheDir, CacheStats
 from tvix_store.digest import EMPTY_DIGEST, B3Digest
 from tvix_store.errors import IntegrityError, UnavailableError
@@ -549,18 +549,8 @@ class CachedBlobService(BlobService):
         return data
 
     def _remote(self, fn: Callable[..., T], *args: object) -> T:
-        """Call the remote unless the breaker is open; a call that times out opens it."""
-        self._breaker.check()
-        try:
-            return fn(*args)
-        except UnavailableError as e:
-            self.stats.add("timeouts")
-            self._breaker.trip(e)
-            raise
-        except IntegrityError as e:
-            self.stats.add("verify_failures")
-            log.error("remote data failed verification: %s", e)
-            raise
+        """Call the remote through the breaker (see `tvix_store.breaker.guarded_call`)."""
+        return guarded_call(self._breaker, self.stats, "data", fn, *args)
 
     def _take_ready(self, digest: B3Digest) -> bytes | None:
         if not self._ready:

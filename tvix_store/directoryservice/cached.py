@@ -22,12 +22,12 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
-from tvix_store.breaker import CircuitBreaker
+from tvix_store.breaker import CircuitBreaker, guarded_call
 from tvix_store.cachedir import CacheDir, CacheStats
 from tvix_store.castore import Directory
 from tvix_store.digest import B3Digest
 from tvix_store.directoryservice import DirectoryService
-from tvix_store.errors import IntegrityError, NotFoundError, UnavailableError, ValidationError
+from tvix_store.errors import IntegrityError, NotFoundError, ValidationError
 from tvix_store.proto import castore_pb2
 from tvix_store.wire import directory_from_proto
 
@@ -46,17 +46,8 @@ class CachedDirectoryService(DirectoryService):
         self.stats = stats or CacheStats()
 
     def _remote(self, fn: Callable[..., T], *args: object) -> T:
-        self._breaker.check()
-        try:
-            return fn(*args)
-        except UnavailableError as e:
-            self.stats.add("timeouts")
-            self._breaker.trip(e)
-            raise
-        except IntegrityError as e:
-            self.stats.add("verify_failures")
-            log.error("remote directory failed verification: %s", e)
-            raise
+        """Call the remote through the breaker (see `tvix_store.breaker.guarded_call`)."""
+        return guarded_call(self._breaker, self.stats, "directory", fn, *args)
 
     def _cached(self, digest: B3Digest) -> Directory | None:
         name = digest.hex()

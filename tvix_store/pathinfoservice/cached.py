@@ -21,10 +21,10 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
-from tvix_store.breaker import CircuitBreaker
+from tvix_store.breaker import CircuitBreaker, guarded_call
 from tvix_store.cachedir import CacheDir, CacheStats
 from tvix_store.castore import Node
-from tvix_store.errors import IntegrityError, StoreError, UnavailableError, ValidationError
+from tvix_store.errors import IntegrityError, StoreError, ValidationError
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice import PathInfoService, check_output_hash
 from tvix_store.proto import pathinfo_pb2
@@ -45,13 +45,8 @@ class CachedPathInfoService(PathInfoService):
         self.stats = stats or CacheStats()
 
     def _remote(self, fn: Callable[..., T], *args: object) -> T:
-        self._breaker.check()
-        try:
-            return fn(*args)
-        except UnavailableError as e:
-            self.stats.add("timeouts")
-            self._breaker.trip(e)
-            raise
+        """Call the remote through the breaker (see `tvix_store.breaker.guarded_call`)."""
+        return guarded_call(self._breaker, self.stats, "path info", fn, *args)
 
     def _cached(self, output_hash: bytes) -> PathInfo | None:
         name = output_hash.hex()
