@@ -110,6 +110,21 @@ def chunk_files(cache: Path) -> list[os.DirEntry[str]]:
     return out
 
 
+def quiet_fetch_count(store: Store, quiet: float = 0.5, timeout: float = 10) -> int:
+    """chunks_fetched once background prefetches are over: nothing in flight and the count
+    unchanged for `quiet` seconds (a queued prefetch is not yet "in flight")."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        c = store.counters()  # type: ignore[misc]
+        if c["in_flight"] or c["chunks_fetched"] != last:
+            last, since = c["chunks_fetched"], time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return last
+        assert time.monotonic() < deadline, "background fetches did not settle"
+        time.sleep(0.02)
+
+
 def poll(cond: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
@@ -548,8 +563,7 @@ def test_real_remote_wire_bytes_stall_and_recovery(tmp_path: Path, remote: tuple
         # a full read: everything arrives once, verified end to end
         r.seek(0)
         assert r.read() == data
-        poll(lambda: store.counters()["in_flight"] == 0, 10, "prefetches")  # type: ignore[misc]
-        fetched = store.counters()["chunks_fetched"]  # type: ignore[misc]
+        fetched = quiet_fetch_count(store)
         px.reset_counts()
         assert store.blobs.open_read(dg).read() == data  # type: ignore[union-attr]
         assert store.counters()["chunks_fetched"] == fetched  # type: ignore[misc]

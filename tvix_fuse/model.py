@@ -70,6 +70,12 @@ PREFETCH_MAX_CHUNKS = 16
 #: chunks the model itself fetches into its LRU ahead of a sequential reader (background
 #: tasks, at most half the offload threads), so store reads and hashing overlap the kernel's
 READAHEAD_CHUNKS = 4
+#: files of a tree up to this size are read as one piece, without asking for their chunk list
+WHOLE_READ_MAX = 256 << 10
+#: on first use of a tree directory, its files up to this size (at most ADVISE_MAX_FILES of
+#: them) are passed to BlobService.advise (local disk read-ahead; no network traffic)
+ADVISE_MAX_FILE_SIZE = 256 << 10
+ADVISE_MAX_FILES = 256
 #: a run of sequential reads that did not start at offset 0 must cover this many bytes
 #: before read-ahead and prefetch start: one large read at a random offset (which the
 #: kernel splits into several sequential requests) must not fetch beyond its range
@@ -291,6 +297,9 @@ class FsModel:
                 raise NotFoundError(f"directory {d.digest.hex()} is missing from the store")
             if d.by_name is None:
                 d.populate(directory)
+                # local disks: warm the small files' data now; a remote ignores this hint
+                small = [f.digest for f in directory.files if 0 < f.size <= ADVISE_MAX_FILE_SIZE]
+                self.store.blobs.advise(small[:ADVISE_MAX_FILES])
         assert d.by_name is not None
         return d.by_name
 
@@ -312,6 +321,11 @@ class FsModel:
         if f.chunks is None:
             if f.size == 0 and f.digest == EMPTY_DIGEST:
                 chunks: list[ChunkMeta] | None = []
+            elif 0 < f.size <= WHOLE_READ_MAX:
+                # a small file: read the blob itself as its one chunk (BlobService.read_chunk
+                # serves whole small blobs), saving a Stat round trip per file; its length is
+                # still checked against the FileNode's size
+                chunks = [ChunkMeta(f.digest, f.size)]
             else:
                 chunks = await self._chunks(f.digest)
             if chunks is None:

@@ -107,6 +107,11 @@ class BlobService(ABC):
         """Hint: these chunks will be read soon. Backends with a cache may start fetching them
         in the background (bounded); must not block. Default: ignore."""
 
+    def advise(self, digests: list[B3Digest]) -> None:
+        """Hint: these blobs may be read soon (e.g. the files of a directory just listed).
+        Unlike `prefetch`, only backends for which acting is free of network traffic act on
+        it (local disk read-ahead); must not block. Default: ignore."""
+
     def iter_digests(self) -> Iterator[B3Digest]:
         """The blobs this backend can enumerate cheaply (may be none, e.g. a remote)."""
         return iter(())

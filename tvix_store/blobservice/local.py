@@ -57,6 +57,20 @@ class LocalBlobService(BlobService):
             return None if rec is None else [ChunkMeta(d, s) for d, s in rec]
         return [ChunkMeta(digest, st.st_size)]
 
+    def advise(self, digests: list[B3Digest]) -> None:
+        """Ask the kernel to read these chunk files into the page cache (POSIX_FADV_WILLNEED),
+        from a background thread, so cold reads of many small files overlap their disk I/O.
+        Dropped when _MAX_ADVISED files are already waiting (bounded; never blocks)."""
+        global _advised
+        with _pool_lock:
+            if _advised + len(digests) > _MAX_ADVISED or not digests:
+                return
+            _advised += len(digests)
+        paths = [self._sd.path("chunks", d.hex()) for d in digests]
+        pool = _advise_pool()
+        for i in range(0, len(paths), 16):  # small batches, so the threads share big directories
+            pool.submit(_willneed, paths[i : i + 16])
+
     def read_chunk(self, digest: B3Digest) -> bytes | None:
         digest = B3Digest(digest)
         data = self._sd.read_verified("chunks", digest)
@@ -102,6 +116,41 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
 _MAX_INFLIGHT = 6  # chunks handed to the pool per writer (bounds memory: ≤ 6 MiB)
+
+
+_advise: ThreadPoolExecutor | None = None
+_advise_pid = 0
+_advised = 0  # files hinted and not yet handled
+_MAX_ADVISED = 4096
+_ADVISE_THREADS = 4
+
+
+def _advise_pool() -> ThreadPoolExecutor:
+    """Threads that issue read-ahead hints (`LocalBlobService.advise`): several at once keep
+    the disk's queue full while the reader waits on one file at a time."""
+    global _advise, _advise_pid
+    with _pool_lock:
+        if _advise is None or _advise_pid != os.getpid():
+            _advise = ThreadPoolExecutor(max_workers=_ADVISE_THREADS, thread_name_prefix="tvix-advise")
+            _advise_pid = os.getpid()
+        return _advise
+
+
+def _willneed(paths: list[str]) -> None:
+    global _advised
+    try:
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # not a single-chunk blob, or absent: nothing to warm
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+    finally:
+        with _pool_lock:
+            _advised -= len(paths)
 
 
 def _chunk_pool() -> ThreadPoolExecutor:
