@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
 
-from tests.fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
 from tvix_store import nar
 from tvix_store.castore import Directory, DirectoryNode, FileNode, SymlinkNode
 from tvix_store.digest import B3Digest

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Daemon, cli
+from fixtures import HELLO, random_bytes
 
-from tests.conftest import Daemon, cli
-from tests.fixtures import HELLO, random_bytes
 from tvix_store.digest import B3Digest
 from tvix_store.local import LocalStore, open_local_store
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli
+from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
 
-from tests.conftest import cli
-from tests.fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
 from tvix_store.castore import Directory, FileNode
 from tvix_store.chunker import DEFAULT
 from tvix_store.digest import B3Digest
