@@ -45,6 +45,7 @@ class ChunkingBlobs(BlobService):
         self.lists: dict[B3Digest, list[ChunkMeta]] = {}
         self.fetches: list[B3Digest] = []
         self.prefetched: list[B3Digest] = []
+        self.advised: list[B3Digest] = []
         self.delay = delay
         self.corrupt: set[B3Digest] = set()
         self.active = 0
@@ -85,6 +86,9 @@ class ChunkingBlobs(BlobService):
 
     def prefetch(self, digests: list[B3Digest]) -> None:
         self.prefetched += digests
+
+    def advise(self, digests: list[B3Digest]) -> None:
+        self.advised += digests
 
     def iter_digests(self):  # noqa: ANN201
         return iter([*self.lists, *self.mem.iter_digests()])
@@ -451,6 +455,41 @@ def test_one_large_read_at_a_random_offset_fetches_only_its_range() -> None:
         assert m.counters.readahead_chunks == 0
         fetched = sum(blobs.mem.size(d) or 0 for d in set(blobs.fetches))
         assert fetched <= read + 2 * 64 * 1024
+
+    run(main)
+
+
+def test_small_files_are_read_whole_and_advised_when_their_directory_is_first_used() -> None:
+    """A tree's small files: one read_chunk of the blob itself (no chunk-list Stat), and the
+    directory's first use passes them (not the big ones) to BlobService.advise."""
+    from tvix_fuse.model import WHOLE_READ_MAX
+
+    s, blobs = chunking_store()
+    small = random.Random(11).randbytes(5000)
+    big = random.Random(12).randbytes(WHOLE_READ_MAX + 4096)
+    small_d = blobs.mem.put(small)
+    big_d = blobs.add(big, [WHOLE_READ_MAX, 4096])
+    d = Directory.from_nodes([FileNode(b"small", small_d, len(small)), FileNode(b"big", big_d, len(big))])
+    s.directories.put(d)
+    s.pathinfos.put(store_path_info("dir", d))
+    m = FsModel(s)
+    stats: list[B3Digest] = []
+    chunks = blobs.chunks
+    blobs.chunks = lambda dg: stats.append(dg) or chunks(dg)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        top = await m.lookup(STORE_INO, store_path_info("dir", d).node.name)  # type: ignore[union-attr]
+        assert blobs.advised == []  # nothing before the directory is used
+        a = await m.lookup(top.ino, b"small")
+        assert blobs.advised == [small_d]
+        fh = await m.open(a.ino, os.O_RDONLY)
+        assert await m.read(fh, 100, 50) == small[100:150]
+        assert blobs.fetches == [small_d] and stats == []
+        b = await m.lookup(top.ino, b"big")
+        fh = await m.open(b.ino, os.O_RDONLY)
+        assert await m.read(fh, WHOLE_READ_MAX, 10) == big[WHOLE_READ_MAX : WHOLE_READ_MAX + 10]
+        assert stats == [big_d]  # a big file's chunk list is asked for, and only its last chunk read
+        assert blobs.fetches[1:] == [blobs.lists[big_d][1].digest]
 
     run(main)
 

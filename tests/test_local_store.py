@@ -277,3 +277,21 @@ def test_cli_blob_commands_over_local_store(tmp_path: Path) -> None:
     assert len(chunk_lines) >= 3 and sum(int(n) for _, n in chunk_lines) == len(data)
     first_hex, first_size = chunk_lines[0]
     assert cli("blob", "cat", "--store", url, first_hex).stdout == data[: int(first_size)]
+
+
+def test_advise_warms_chunk_files_in_the_background_and_is_bounded(store: LocalStore) -> None:
+    """`advise` returns at once, skips what is not a chunk file, and drops hints past its bound."""
+    from tvix_store.blobservice import local as blocal
+
+    digests = [store.blobs.put(random_bytes(1000 + i, seed=i)) for i in range(40)]
+    absent = B3Digest.of(b"not stored")
+    store.blobs.advise([*digests, absent])
+    deadline = time.monotonic() + 10
+    while blocal._advised:  # every hinted file handled (absent ones skipped, no error)
+        assert time.monotonic() < deadline, "advise did not finish"
+        time.sleep(0.01)
+    # past the bound a hint is dropped, not queued: the counter never exceeds it
+    store.blobs.advise([absent] * (blocal._MAX_ADVISED + 1))
+    assert blocal._advised == 0
+    for d in digests:
+        assert store.blobs.read_chunk(d) is not None
