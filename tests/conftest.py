@@ -112,3 +112,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s.close()
         if d is not None:
             d.stop()
+
+
+def one_line_error(p: subprocess.CompletedProcess[bytes], code: int, *needles: str) -> str:
+    """Assert the CLI failed with `code` and ONE line `tvix-store: error: …` naming each needle."""
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == code, (p.returncode, err)
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tvix-store: error: "), err
+    for n in needles:
+        assert n in lines[0], (n, err)
+    return lines[0]

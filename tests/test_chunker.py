@@ -7,10 +7,11 @@ import random
 
 import pytest
 
-from tvix_store import chunker
+from tvix_store import (
+    _cdc,  # the C extension, built by pip install
+    chunker,
+)
 from tvix_store.chunker import DEFAULT, Chunker, ChunkParams, _py_scan, chunk_lengths
-
-_cdc = pytest.importorskip("tvix_store._cdc", reason="C extension not built (pip install -e .)")
 
 SMALL = ChunkParams(256, 1024, 4096)  # many boundaries in little data, so the Python reference stays fast
 

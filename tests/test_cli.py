@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import base64
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, one_line_error
 from fixtures import EMPTY_HEX, HELLO, HELLO_HEX
 
 from tvix_store.cli import build_parser
@@ -23,20 +22,7 @@ from tvix_store.cli import build_parser
 ABSENT_HEX = HELLO_HEX  # a blob no fresh store has
 
 
-def one_line_error(p: subprocess.CompletedProcess[bytes], code: int, *needles: str) -> str:
-    err = p.stderr.decode(errors="replace")
-    assert p.returncode == code, (p.returncode, err)
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tvix-store: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, err)
-    return lines[0]
-
-
 def local_url(tmp_path: Path) -> str:
-    pytest.importorskip("tvix_store.local", reason="local store backend not available yet")
     return f"local://{tmp_path / 'store'}"
 
 
@@ -67,7 +53,6 @@ def test_unsupported_store_url() -> None:
 
 
 def test_unreachable_remote_fails_quickly() -> None:
-    pytest.importorskip("tvix_store.grpc.client", reason="gRPC client not available yet")
     t0 = time.monotonic()
     p = cli("blob", "stat", "--store", "grpc+http://127.0.0.1:1", EMPTY_HEX, check=False, timeout=30)
     elapsed = time.monotonic() - t0

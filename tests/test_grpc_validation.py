@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import blake3
 import grpc
@@ -46,18 +45,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 T = 10.0
 
 
-def store_url(tmp: Path) -> str:
-    """The local backend when it works (it is another engineer's, maybe unfinished), else memory://."""
-    url = f"local://{tmp / 'store'}"
-    try:
-        from tvix_store.store import open_store
-
-        open_store(url).close()
-    except Exception:  # noqa: BLE001
-        return "memory://"
-    return url
-
-
 class Stubs:
     def __init__(self, target: str) -> None:
         self.channel = grpc.insecure_channel(target)
@@ -69,7 +56,7 @@ class Stubs:
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stubs]:
     tmp = tmp_path_factory.mktemp("validation")
-    d = Daemon(store_url(tmp))
+    d = Daemon(f"local://{tmp / 'store'}")
     s = Stubs(d.address)
     try:
         yield s

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from conftest import Daemon, cli
+from conftest import Daemon, cli, one_line_error
 from fixtures import make_tree
 
 from tvix_store import importer, nar
@@ -162,9 +162,6 @@ def service_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     if request.param == "memory":
         yield open_store("memory://")
         return
-    pytest.importorskip("tvix_store.local", reason="local store backend not available yet")
-    pytest.importorskip("tvix_store.daemon", reason="daemon not available yet")
-    pytest.importorskip("tvix_store.grpc.client", reason="gRPC client not available yet")
     d = Daemon(f"local://{tmp_path / 'daemon-store'}")
     s = open_store(d.url)
     try:
@@ -224,7 +221,6 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def test_reimport_into_local_store_writes_nothing(tmp_path: Path) -> None:
-    pytest.importorskip("tvix_store.local", reason="local store backend not available yet")
     tree = rich_tree(tmp_path / "tree")
     url = f"local://{tmp_path / 'store'}"
     first = cli("import", "--store", url, str(tree)).stdout
@@ -239,16 +235,9 @@ def test_reimport_into_local_store_writes_nothing(tmp_path: Path) -> None:
 
 
 def _assert_one_line_error(p: subprocess.CompletedProcess[bytes], *needles: str, code: int = 1) -> str:
-    err = p.stderr.decode(errors="replace")
-    assert p.returncode == code, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tvix-store: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, err)
+    line = one_line_error(p, code, *needles)
     assert p.stdout == b""
-    return lines[0]
+    return line
 
 
 def _make_special(kind: str, p: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import mmap
 import os
 import random
@@ -32,7 +31,6 @@ from tvix_store.pathinfo import PathInfo, StorePath
 from tvix_store.store import open_store
 
 pytestmark = [pytest.mark.mount, requires_fuse]
-HAVE_LOCAL = importlib.util.find_spec("tvix_store.local") is not None
 
 
 @dataclass
@@ -60,34 +58,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Data]:
     (src / "sub" / "mid.bin").write_bytes(random_bytes(3 << 20, seed=11))
     big = base / "big.bin"
     big.write_bytes(random_bytes(5 << 20, seed=12))
-    daemon = None
-    if HAVE_LOCAL:
-        store_dir = base / "store"
-        url = f"local://{store_dir}"
-    else:
-        store_dir = None
-        daemon = Daemon("memory://")
-        url = daemon.url
-    try:
-        with open_store(url) as store:
-            tree = import_path(store, src)
-            bigi = import_path(store, big)
-            hf, hd = _hole_name("hole-file"), _hole_name("hole-dir")
-            store.pathinfos.put(PathInfo(FileNode(hf.encode(), B3Digest.of(b"never stored"), 12)))
-            store.pathinfos.put(PathInfo(DirectoryNode(hd.encode(), B3Digest.of(b"no such directory"), 3)))
-            one = store.blobs.put(b"1")
-            names = [f"entry-{i:05d}" for i in range(10_000)]
-            many = Directory.from_nodes(
-                [FileNode(n.encode(), one, 1, executable=i % 2 == 1) for i, n in enumerate(names)]
-            )
-            store.directories.put(many)
-        assert tree.node is not None and bigi.node is not None
-        yield Data(
-            url, store_dir, src, big, tree.node.name.decode(), bigi.node.name.decode(), hf, hd, many.digest.hex(), names
-        )
-    finally:
-        if daemon is not None:
-            daemon.stop()
+    store_dir = base / "store"
+    url = f"local://{store_dir}"
+    with open_store(url) as store:
+        tree = import_path(store, src)
+        bigi = import_path(store, big)
+        hf, hd = _hole_name("hole-file"), _hole_name("hole-dir")
+        store.pathinfos.put(PathInfo(FileNode(hf.encode(), B3Digest.of(b"never stored"), 12)))
+        store.pathinfos.put(PathInfo(DirectoryNode(hd.encode(), B3Digest.of(b"no such directory"), 3)))
+        one = store.blobs.put(b"1")
+        names = [f"entry-{i:05d}" for i in range(10_000)]
+        many = Directory.from_nodes([FileNode(n.encode(), one, 1, executable=i % 2 == 1) for i, n in enumerate(names)])
+        store.directories.put(many)
+    assert tree.node is not None and bigi.node is not None
+    yield Data(
+        url, store_dir, src, big, tree.node.name.decode(), bigi.node.name.decode(), hf, hd, many.digest.hex(), names
+    )
 
 
 @pytest.fixture
@@ -271,7 +257,6 @@ def test_holes(mount: Path, data: Data) -> None:
     assert (mount / "store" / data.tree_name / "a.txt").read_bytes() == b"hello\n"
 
 
-@pytest.mark.skipif(not HAVE_LOCAL, reason="needs the local:// store (tvix_store.local)")
 def test_corrupted_chunk_on_disk_is_eio(data: Data, tmp_path: Path) -> None:
     # a private store, so corrupting it does not disturb the other tests
     store_dir = tmp_path / "store"
@@ -395,7 +380,7 @@ def test_errors_one_line_nothing_mounted(data: Data, tmp_path: Path, case: str, 
     if case == "bad-url":
         url = "nosuch://x"
     if case == "unopenable":
-        url = "local:///proc/version/store" if HAVE_LOCAL else "grpc+unix:///nonexistent/x.sock"
+        url = "local:///proc/version/store"
     args = ["mount", "--store", url, *(["--foreground"] if foreground else []), str(mp)]
     try:
         p = cli(*args, check=False, env={"XDG_STATE_HOME": str(tmp_path / "state")}, timeout=60)
@@ -412,7 +397,7 @@ def test_errors_one_line_nothing_mounted(data: Data, tmp_path: Path, case: str, 
 
 def test_daemon_with_mount(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
-    url = f"local://{tmp_path / 'store'}" if HAVE_LOCAL else "memory://"
+    url = f"local://{tmp_path / 'store'}"
     mp = tmp_path / "mnt"
     mp.mkdir()
     d = Daemon(url, extra=("--mount", str(mp)))

@@ -183,11 +183,8 @@ STORE_KINDS = ["memory", "local", "grpc"]
 def make_target(kind: str, tmp: Path) -> tuple[Target, Callable[[], None]]:
     if kind == "memory":
         return MemoryTarget(), lambda: None
-    pytest.importorskip("tvix_store.local", reason="local store backend not available yet")
     if kind == "local":
         return CliTarget(f"local://{tmp / 'store'}"), lambda: None
-    pytest.importorskip("tvix_store.daemon", reason="daemon not available yet")
-    pytest.importorskip("tvix_store.grpc.client", reason="gRPC client not available yet")
     d = Daemon(f"local://{tmp / 'daemon-store'}")
     return CliTarget(d.url), lambda: d.stop() and None
 
@@ -326,5 +323,4 @@ def test_big_file_import_and_nar_use_bounded_memory(tmp_path: Path) -> None:
 
 
 def local_url_or_skip(tmp: Path) -> str:
-    pytest.importorskip("tvix_store.local", reason="local store backend not available yet")
     return f"local://{tmp / 'store'}"

@@ -300,7 +300,7 @@ def test_cache_bound_is_held_while_reading_more_than_fits(tmp_path: Path, remote
         assert not over, f"cache used {max(over)} bytes on disk, bound {limit}"
         assert 0 < stat_counter(m.mountpoint, "cache_bytes") <= limit
         assert stat_counter(m.mountpoint, "cache_evictions") > 0
-        assert coexisting_disk_use(cache) <= limit
+        assert coexisting_disk_use(cache) <= limit + fs_slack
     finally:
         m.cleanup()
 
