@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tvix_store.store import Store, open_store
+from tvix_store.compose import open_store
+from tvix_store.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

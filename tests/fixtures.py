@@ -7,6 +7,10 @@ import os
 import random
 from pathlib import Path
 
+from tvix_store.compose import open_store
+from tvix_store.store import Store
+from tvix_store.verify import VerifyReport, verify_objects
+
 EMPTY_HEX = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 HELLO = b"Hello World!"
 HELLO_HEX = "5ca7815adcb484e9a136c11efe69c1d530176d549b5d18d038eb5280b4b3470c"
@@ -68,3 +72,15 @@ def coexisting_disk_use(cache: Path) -> int:
         if st.st_ino == ino:
             total += st.st_blocks * 512
     return total
+
+
+def open_local(root: Path) -> Store:
+    """The embedded store in `root` (opened through its URL, as users do)."""
+    return open_store(f"local://{root}")
+
+
+def verify(store: Store) -> VerifyReport:
+    """The fsck of an embedded store's objects."""
+    objects = getattr(store.blobs, "objects", None)
+    assert objects is not None, f"{store.url} is not an object-backed store"
+    return verify_objects(objects)

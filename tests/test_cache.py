@@ -21,26 +21,34 @@ from conftest import Daemon
 from fixtures import coexisting_disk_use, random_bytes
 from tcpproxy import TcpProxy
 
-from tvix_store import wire
-from tvix_store.blobservice import BlobService, BlobWriter, ChunkMeta
+from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.blobservice.memory import MemoryBlobService
-from tvix_store.cached import open_cached_store
-from tvix_store.castore import Directory, DirectoryNode, FileNode
-from tvix_store.digest import EMPTY_DIGEST, B3Digest
+from tvix_store.compose import open_store, with_cache
+from tvix_store.core.capabilities import Capabilities
+from tvix_store.core.castore import Directory, DirectoryNode, FileNode
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import EMPTY_DIGEST, B3Digest
+from tvix_store.core.errors import IntegrityError, UnavailableError
+from tvix_store.core.pathinfo import PathInfo, StorePath
 from tvix_store.directoryservice import DirectoryService
 from tvix_store.directoryservice.memory import MemoryDirectoryService
-from tvix_store.errors import IntegrityError, UnavailableError
-from tvix_store.pathinfo import PathInfo, StorePath
 from tvix_store.pathinfoservice.memory import MemoryPathInfoService
-from tvix_store.proto import castore_pb2, rpc_blobstore_pb2, rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
-from tvix_store.store import Store, open_store
+from tvix_store.protocol import wire
+from tvix_store.protocol.g1 import castore_pb2, rpc_blobstore_pb2, rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
+from tvix_store.store import Store
 
 # --- fault-injecting doubles ------------------------------------------------------------
+
+
+#: what the doubles declare: a remote that does not verify what it hands out
+DOUBLE = Capabilities(is_remote=True, can_list=False, verifies_reads=False)
 
 
 class FaultyBlobs(BlobService):
     """A remote BlobService double over a MemoryBlobService: counts calls, can be slow, down,
     or lie (wrong bytes, wrong chunk lists). Not a backend: only for fault injection."""
+
+    capabilities = DOUBLE
 
     def __init__(self) -> None:
         self.inner = MemoryBlobService()
@@ -82,6 +90,8 @@ class FaultyBlobs(BlobService):
 class LyingDirectories(DirectoryService):
     """A remote DirectoryService double that answers a different Directory for one digest."""
 
+    capabilities = DOUBLE
+
     def __init__(self) -> None:
         self.inner = MemoryDirectoryService()
         self.swap: dict[B3Digest, Directory] = {}
@@ -95,10 +105,22 @@ class LyingDirectories(DirectoryService):
         self.inner._store(directory)
 
 
+class RemoteDirectories(MemoryDirectoryService):
+    capabilities = DOUBLE
+
+
+class RemotePathInfos(MemoryPathInfoService):
+    capabilities = DOUBLE
+
+
 def far_store(blobs: FaultyBlobs | None = None, dirs: DirectoryService | None = None) -> Store:
     b = blobs or FaultyBlobs()
-    d = dirs or MemoryDirectoryService()
-    return Store(b, d, MemoryPathInfoService(b, d), "double://")
+    d = dirs or RemoteDirectories()
+    return Store(b, d, RemotePathInfos(b, d), "double://")
+
+
+def open_cached_store(far: Store, cache: Path, size: int | None) -> Store:
+    return with_cache(far, cache, size)
 
 
 def chunk_files(cache: Path) -> list[os.DirEntry[str]]:
@@ -116,7 +138,7 @@ def quiet_fetch_count(store: Store, quiet: float = 0.5, timeout: float = 10) -> 
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while True:
-        c = store.counters()  # type: ignore[misc]
+        c = store.counters.snapshot()
         if c["in_flight"] or c["chunks_fetched"] != last:
             last, since = c["chunks_fetched"], time.monotonic()
         elif time.monotonic() - since >= quiet:
@@ -153,7 +175,7 @@ def test_single_flight_one_fetch_for_concurrent_misses(tmp_path: Path) -> None:
             results = list(ex.map(lambda _: read(), range(8)))
         assert all(r == data for r in results)
         assert far.reads[dg] == 1
-        c = store.counters()  # type: ignore[misc]
+        c = store.counters.snapshot()
         assert c["chunks_fetched"] == 1 and c["single_flight_joins"] == 7
         # later reads are hits, from disk
         far.delay = 0
@@ -178,7 +200,7 @@ def test_miss_fetch_insert_then_hit_and_no_negative_cache(tmp_path: Path) -> Non
         assert far.reads[dg] == 2  # the None answer, then one fetch
         assert store.blobs.chunks(dg) == [ChunkMeta(dg, 5000)]
         assert far.stats == 2
-        c = store.counters()  # type: ignore[misc]
+        c = store.counters.snapshot()
         assert c["cache_hits"] == 1 and c["bytes_fetched"] == 5000 and c["meta_hits"] == 1
         # the empty blob: an empty chunk list, no chunk to read
         far.inner.put(b"")
@@ -208,7 +230,7 @@ def test_corrupt_cached_chunk_is_discarded_and_refetched(tmp_path: Path, damage:
         path.write_bytes(raw)
         assert store.blobs.read_chunk(dg) == data
         assert far.reads[dg] == 2
-        assert store.counters()["cache_corrupt"] == 1  # type: ignore[misc]
+        assert store.counters.snapshot()["cache_corrupt"] == 1
         assert store.blobs.flush()  # type: ignore[attr-defined]
         assert path.read_bytes() == data  # re-inserted, whole
     finally:
@@ -228,11 +250,11 @@ def test_remote_chunk_with_wrong_bytes_is_rejected_and_not_cached(
             store.blobs.read_chunk(dg)
         assert dg.hex() in caplog.text
         assert chunk_files(tmp_path / "c") == []
-        c = store.counters()  # type: ignore[misc]
-        assert c["verify_failures"] == 1 and c["cache_bytes"] == 0 and c["remote_down"] == 0
+        c = store.counters.snapshot()
+        assert c["verify_failures"] == 1 and c["cache_bytes"] == 0
         # a prefetch of it does not cache it either
         store.blobs.prefetch([dg])
-        poll(lambda: store.counters()["verify_failures"] == 2, 5, "the prefetch")  # type: ignore[misc]
+        poll(lambda: store.counters.snapshot()["verify_failures"] == 2, 5, "the prefetch")
         assert chunk_files(tmp_path / "c") == []
         far.corrupt.clear()  # an honest answer later is accepted
         assert store.blobs.read_chunk(dg) == data
@@ -257,7 +279,7 @@ def test_remote_chunk_lists_are_checked(tmp_path: Path) -> None:
             with pytest.raises(IntegrityError, match=d.hex()):
                 store.blobs.chunks(d)
         assert os.listdir(tmp_path / "c" / "blobs") == []
-        assert store.counters()["verify_failures"] == 4  # type: ignore[misc]
+        assert store.counters.snapshot()["verify_failures"] == 4
     finally:
         store.close()
 
@@ -312,7 +334,7 @@ def test_wrong_directory_and_pathinfo_are_rejected_and_not_cached(tmp_path: Path
         assert os.listdir(tmp_path / "c" / "pathinfos") == []
         far.pathinfos._infos[sp2.digest] = info  # type: ignore[attr-defined]
         assert store.pathinfos.get(sp2.digest) == info
-        assert store.counters()["verify_failures"] == 3  # type: ignore[misc]
+        assert store.counters.snapshot()["verify_failures"] == 3
     finally:
         store.close()
 
@@ -361,11 +383,11 @@ def test_lru_bound_holds_under_3x_workload(tmp_path: Path) -> None:
     try:
         assert not over, f"cache used {max(over)} bytes on disk, bound {limit}"
         assert store.blobs.flush()  # type: ignore[attr-defined]
-        c = store.counters()  # type: ignore[misc]
+        c = store.counters.snapshot()
         assert c["cache_evictions"] > 0
         assert 0 < c["cache_bytes"] <= limit
         # once background eviction is idle, the accounting is exactly what is on disk
-        poll(lambda: store.counters()["cache_bytes"] == coexisting_disk_use(cache), 5, "accounting == disk")  # type: ignore[misc]
+        poll(lambda: store.counters.snapshot()["cache_bytes"] == coexisting_disk_use(cache), 5, "accounting == disk")
         # a chunk larger than the whole cache is served, not cached
         before = c["cache_uncacheable"]
         big = random_bytes(limit + 1, seed=7)
@@ -373,7 +395,7 @@ def test_lru_bound_holds_under_3x_workload(tmp_path: Path) -> None:
         assert store.blobs.read_chunk(dg) == big
         assert store.blobs.flush()  # type: ignore[attr-defined]
         assert not (cache / "chunks" / dg.hex()[:2] / dg.hex()).exists()
-        assert store.counters()["cache_uncacheable"] == before + 1  # type: ignore[misc]
+        assert store.counters.snapshot()["cache_uncacheable"] == before + 1
     finally:
         store.close()
 
@@ -381,7 +403,7 @@ def test_lru_bound_holds_under_3x_workload(tmp_path: Path) -> None:
 def test_foreground_eviction_alone_holds_the_bound_exactly_in_lru_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tvix_store.blobservice.cached as cached_mod
+    import tvix_store.objects.bounded as cached_mod
 
     monkeypatch.setattr(cached_mod, "HIGH_WATERMARK", 100.0)  # no background eviction
     far = FaultyBlobs()
@@ -413,7 +435,7 @@ def test_cache_survives_reopen_and_keeps_recency(tmp_path: Path) -> None:
     datas = [random_bytes(40_000, seed=20 + i) for i in range(3)]
     ds = [far.inner.put(d) for d in datas]
     leaf = Directory(files=(FileNode(b"f", ds[0], 40_000),))
-    dirs = MemoryDirectoryService()
+    dirs = RemoteDirectories()
     dirs.put(leaf)
     cache = tmp_path / "c"
     store = open_cached_store(far_store(far, dirs), cache, 1 << 20)
@@ -435,11 +457,12 @@ def test_cache_survives_reopen_and_keeps_recency(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert store.blobs.read_chunk(ds[0]) == datas[0]  # LRU order now: ds[1], ds[2], ds[0]
         assert store.directories.get(leaf.digest) == leaf
-        assert store.counters()["chunks_fetched"] == 0  # type: ignore[misc]
+        assert store.counters.snapshot()["chunks_fetched"] == 0
     finally:
         store.close()
-    # reopened with room for two chunks: the least recently used (ds[1]) goes first
-    store = open_cached_store(far_store(far), cache, 2 * 40_960)
+    # reopened with room for two chunks and the Directory (every object counts against the
+    # bound): the least recently used go first: the chunk lists (not read since session 1), ds[1]
+    store = open_cached_store(far_store(far), cache, 2 * 40_960 + 4096)
     try:
         left = {e.name for e in chunk_files(cache)}
         assert left == {ds[0].hex(), ds[2].hex()}
@@ -464,42 +487,7 @@ def test_second_process_on_same_cache_dir_reads_but_does_not_write(tmp_path: Pat
         s1.close()
 
 
-# --- breaker ---------------------------------------------------------------------------
-
-
-def test_breaker_fails_fast_while_down_and_recovers(tmp_path: Path) -> None:
-    far = FaultyBlobs()
-    cached = far.inner.put(random_bytes(1000, seed=40))
-    other = far.inner.put(random_bytes(1000, seed=41))
-    store = open_cached_store(far_store(far), tmp_path / "c", 1 << 20)
-    try:
-        store.blobs.read_chunk(cached)
-        store.blobs.chunks(cached)
-        far.down = True
-        with pytest.raises(UnavailableError, match="double: remote down"):
-            store.blobs.read_chunk(other)
-        assert store.counters()["remote_down"] == 1  # type: ignore[misc]
-        before = far.reads.get(other, 0)
-        t = time.monotonic()
-        for _ in range(20):
-            with pytest.raises(UnavailableError, match="is down"):
-                store.blobs.read_chunk(other)
-        with pytest.raises(UnavailableError):
-            store.directories.get(B3Digest.of(b"nope"))
-        assert time.monotonic() - t < 0.5
-        assert far.reads.get(other, 0) == before  # the remote was not even asked
-        t = time.monotonic()
-        store.blobs.prefetch([other])  # skipped, not queued behind a dead remote
-        assert time.monotonic() - t < 0.1
-        assert store.blobs.read_chunk(cached) is not None  # cached data keeps working
-        assert store.blobs.chunks(cached) is not None
-        c = store.counters()  # type: ignore[misc]
-        assert c["fast_failures"] >= 21 and c["timeouts"] == 1
-        far.down = False
-        poll(lambda: store.counters()["remote_down"] == 0, 5, "the probe to close the breaker")  # type: ignore[misc]
-        assert store.blobs.read_chunk(other) is not None
-    finally:
-        store.close()
+# --- prefetch ----------------------------------------------------------------------------
 
 
 def test_prefetch_never_blocks_and_fills_the_cache(tmp_path: Path) -> None:
@@ -516,7 +504,7 @@ def test_prefetch_never_blocks_and_fills_the_cache(tmp_path: Path) -> None:
         assert all(far.reads[d] == 1 for d in ds)
         far.delay = 0
         assert store.blobs.read_chunk(ds[0]) is not None
-        assert store.counters()["prefetch_started"] == 12  # type: ignore[misc]
+        assert store.counters.snapshot()["prefetch_started"] == 12
         assert sum(far.reads.values()) == 12
     finally:
         store.close()
@@ -525,7 +513,7 @@ def test_prefetch_never_blocks_and_fills_the_cache(tmp_path: Path) -> None:
 def test_bad_cache_dir_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "precious.txt").write_text("x")
-    with pytest.raises(Exception, match="not a tvix-store cache directory"):
+    with pytest.raises(Exception, match="not a tvix-store directory"):
         open_cached_store(far_store(), tmp_path / "junk", None)
     assert (tmp_path / "junk" / "precious.txt").read_text() == "x"
 
@@ -566,7 +554,7 @@ def test_real_remote_wire_bytes_stall_and_recovery(tmp_path: Path, remote: tuple
         fetched = quiet_fetch_count(store)
         px.reset_counts()
         assert store.blobs.open_read(dg).read() == data  # type: ignore[union-attr]
-        assert store.counters()["chunks_fetched"] == fetched  # type: ignore[misc]
+        assert store.counters.snapshot()["chunks_fetched"] == fetched
         assert px.total < 256, px.total  # no data: at most HTTP/2 pings and window updates
         # the remote stalls: a miss fails within the timeout, then at once, then recovers
         with open_store(daemon.url) as s:
@@ -582,7 +570,7 @@ def test_real_remote_wire_bytes_stall_and_recovery(tmp_path: Path, remote: tuple
         assert time.monotonic() - t < 0.2
         assert store.blobs.open_read(dg).read(1000) == data[:1000]  # type: ignore[union-attr]
         px.mode = "pass"
-        poll(lambda: store.counters()["remote_down"] == 0, 15, "recovery")  # type: ignore[misc]
+        poll(lambda: store.counters.snapshot()["remote_down"] == 0, 15, "recovery")
         assert store.blobs.read_chunk(other) == random_bytes(100_000, seed=61)
         # dropped connections: UnavailableError fast, recovery after
         px.mode = "drop"
@@ -592,7 +580,7 @@ def test_real_remote_wire_bytes_stall_and_recovery(tmp_path: Path, remote: tuple
             store.blobs.chunks(third)
         assert time.monotonic() - t < 2 + 1.5
         px.mode = "pass"
-        poll(lambda: store.counters()["remote_down"] == 0, 15, "recovery after drop")  # type: ignore[misc]
+        poll(lambda: store.counters.snapshot()["remote_down"] == 0, 15, "recovery after drop")
         assert store.blobs.chunks(third) is None
     finally:
         store.close()
@@ -659,7 +647,7 @@ def test_lying_grpc_server_is_caught_through_the_real_client(tmp_path: Path) -> 
         assert chunk_files(tmp_path / "c") == []
         assert os.listdir(tmp_path / "c" / "directories") == []
         assert os.listdir(tmp_path / "c" / "blobs") == [dg.hex()[:2]]  # the one honest chunk list
-        c = store.counters()  # type: ignore[misc]
+        c = store.counters.snapshot()
         assert c["verify_failures"] == 3 and c["remote_down"] == 0
     finally:
         store.close()

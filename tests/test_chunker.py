@@ -1,4 +1,4 @@
-"""Content-defined chunking (`tvix_store.chunker`): the C extension against the pure-Python
+"""Content-defined chunking (`tvix_store.chunking`): the C extension against the pure-Python
 reference, size bounds, determinism, resynchronisation after an edit, streaming."""
 
 from __future__ import annotations
@@ -7,11 +7,15 @@ import random
 
 import pytest
 
-from tvix_store import (
+from tvix_store import chunking as chunker
+from tvix_store.chunking import (
+    DEFAULT,
+    Chunker,
+    ChunkParams,
     _cdc,  # the C extension, built by pip install
-    chunker,
+    _py_scan,
+    chunk_lengths,
 )
-from tvix_store.chunker import DEFAULT, Chunker, ChunkParams, _py_scan, chunk_lengths
 
 SMALL = ChunkParams(256, 1024, 4096)  # many boundaries in little data, so the Python reference stays fast
 
@@ -147,7 +151,7 @@ def test_pure_python_fallback_gives_same_chunks() -> None:
     import sys
 
     code = (
-        "import random; from tvix_store import chunker as c; "
+        "import random; from tvix_store import chunking as c; "
         "assert c.c_scan is None; "
         "print(c.chunk_lengths(random.Random(11).randbytes(100_000), c.ChunkParams(256, 1024, 4096)))"
     )

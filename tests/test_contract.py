@@ -10,11 +10,12 @@ import pytest
 from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
 
 from tvix_store import nar
-from tvix_store.castore import Directory, DirectoryNode, FileNode, SymlinkNode
-from tvix_store.digest import B3Digest
-from tvix_store.errors import NotFoundError, ValidationError
-from tvix_store.pathinfo import NarInfo, PathInfo, StorePath
-from tvix_store.store import Store, memory_store
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, DirectoryNode, FileNode, SymlinkNode
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import NotFoundError, ValidationError
+from tvix_store.core.pathinfo import NarInfo, PathInfo, StorePath
+from tvix_store.store import Store
 
 SIZES = [0, 1, len(HELLO), 100_000, (3 << 20) + 17]
 
@@ -220,7 +221,7 @@ def put_tree(store: Store) -> tuple[DirectoryNode, Directory]:
 
 def reference_nar(top: Directory) -> tuple[int, bytes]:
     """NAR size and sha256 computed by tvix_store.nar over a fresh memory store with the same content."""
-    m = memory_store()
+    m = open_store("memory://")
     m.blobs.put(blob((3 << 20) + 17))
     m.blobs.put(HELLO)
     m.blobs.put(b"")

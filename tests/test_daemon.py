@@ -16,9 +16,9 @@ import grpc
 import pytest
 from conftest import Daemon, cli
 
-from tvix_store.proto import rpc_blobstore_pb2 as rb
-from tvix_store.proto import rpc_blobstore_pb2_grpc as rbg
-from tvix_store.store import open_store
+from tvix_store.compose import open_store
+from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
+from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
 
 MiB = 1 << 20
 

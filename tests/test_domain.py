@@ -15,20 +15,21 @@ from pathlib import Path
 import pytest
 from fixtures import EMPTY_HEX, HELLO, HELLO_HEX
 
-from tvix_store import nixbase32, wire
-from tvix_store.blobservice import ChunkMeta
-from tvix_store.castore import (
+from tvix_store.core import nixbase32
+from tvix_store.core.castore import (
     EMPTY_DIRECTORY,
     Directory,
     DirectoryNode,
     FileNode,
     SymlinkNode,
 )
-from tvix_store.digest import B3Digest
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import ValidationError
+from tvix_store.core.pathinfo import NarInfo, PathInfo, Signature, StorePath
 from tvix_store.directoryservice.memory import MemoryDirectoryService
-from tvix_store.errors import ValidationError
-from tvix_store.pathinfo import NarInfo, PathInfo, Signature, StorePath
-from tvix_store.proto import castore_pb2, pathinfo_pb2
+from tvix_store.protocol import wire
+from tvix_store.protocol.g1 import castore_pb2, pathinfo_pb2
 
 RNG_SEED = 1234
 

@@ -1,7 +1,7 @@
 """Crash safety and multi-process use of the on-disk store, with real processes.
 
 Writers are killed with SIGKILL at random instants; afterwards every visible object must
-verify (`LocalStore.verify`, an fsck), nothing partial may be visible, and everything
+verify (`tvix_store.verify`, an fsck), nothing partial may be visible, and everything
 committed before must be intact. Several processes (CLI commands, a daemon) write
 overlapping data into one store directory at once; everything must read back correctly.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, cli
-from fixtures import HELLO, random_bytes
+from fixtures import HELLO, open_local, random_bytes, verify
 
-from tvix_store.digest import B3Digest
-from tvix_store.local import LocalStore, open_local_store
+from tvix_store.core.digest import B3Digest
+from tvix_store.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ pytestmark = pytest.mark.slow
 WRITER = textwrap.dedent(
     """
     import json, random, sys
-    from tvix_store.store import open_store
-    from tvix_store.castore import Directory, FileNode
-    from tvix_store.pathinfo import PathInfo, StorePath
+    from tvix_store.compose import open_store
+    from tvix_store.core.castore import Directory, FileNode
+    from tvix_store.core.pathinfo import PathInfo, StorePath
 
     def data(i):
         return random.Random(i).randbytes([10, 70_000, 1_300_000][i % 3] + i)
@@ -61,8 +61,8 @@ def writer_data(i: int) -> bytes:
 
 def check_store(root: Path, committed: list[list]) -> None:  # type: ignore[type-arg]
     """fsck the store, then check every object a writer reported as committed."""
-    s = open_local_store(root)
-    rep = s.verify()
+    s = open_local(root)
+    rep = verify(s)
     assert rep.ok, rep.problems
     for kind, i, hexd in committed:
         if kind == "blob":
@@ -78,7 +78,7 @@ def check_store(root: Path, committed: list[list]) -> None:  # type: ignore[type
     s.close()
 
 
-def assert_no_partial_blob(s: LocalStore, data: bytes) -> None:
+def assert_no_partial_blob(s: Store, data: bytes) -> None:
     """The blob is either absent or complete and correct."""
     d = B3Digest.of(data)
     r = s.blobs.open_read(d)
@@ -104,7 +104,7 @@ def test_kill9_writer_at_random_instants(tmp_path: Path) -> None:
         committed += lines
         check_store(root, committed)
         # the object being written when killed is absent or complete
-        s = open_local_store(root)
+        s = open_local(root)
         nxt = max((i for _, i, _ in lines), default=start - 1) + 1
         assert_no_partial_blob(s, writer_data(nxt))
         s.close()
@@ -129,8 +129,8 @@ def test_kill9_cli_blob_put_of_large_file(tmp_path: Path) -> None:
         time.sleep(rng.uniform(0.1, 0.5))
         p.kill()
         p.wait()
-        s = open_local_store(root)
-        rep = s.verify()
+        s = open_local(root)
+        rep = verify(s)
         assert rep.ok, rep.problems
         assert_no_partial_blob(s, data)
         assert s.blobs.read_chunk(B3Digest.from_hex(keep)) == HELLO
@@ -139,16 +139,16 @@ def test_kill9_cli_blob_put_of_large_file(tmp_path: Path) -> None:
     # after a kill, putting the same data again works and the store is whole
     data = random_bytes(24 << 20, seed=500)
     d = B3Digest.of(data)
-    s = open_local_store(root)
+    s = open_local(root)
     assert s.blobs.put(data) == d and s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
-    assert s.verify().ok
+    assert verify(s).ok
 
 
 CONCURRENT = textwrap.dedent(
     """
     import json, random, sys
-    from tvix_store.store import open_store
-    from tvix_store.castore import Directory, FileNode
+    from tvix_store.compose import open_store
+    from tvix_store.core.castore import Directory, FileNode
     k = int(sys.argv[2])
     s = open_store(sys.argv[1])
     base = bytearray(random.Random(7).randbytes(12 << 20))   # shared by all processes
@@ -186,7 +186,7 @@ def test_concurrent_processes_overlapping_data(tmp_path: Path) -> None:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode(errors="replace")
         results.append(json.loads(out))
-    s = open_local_store(root)
+    s = open_local(root)
     for k, res in enumerate(results):
         shared, variant = expected_concurrent(k)
         assert res["shared"] == B3Digest.of(shared).hex() == results[0]["shared"]
@@ -194,7 +194,7 @@ def test_concurrent_processes_overlapping_data(tmp_path: Path) -> None:
         assert res["small"] == results[0]["small"] and res["dir"] == results[0]["dir"]
     assert s.blobs.open_read(B3Digest.from_hex(results[0]["shared"])).read() == expected_concurrent(0)[0]  # type: ignore[union-attr]
     assert s.directories.get(B3Digest.from_hex(results[0]["dir"])) is not None
-    rep = s.verify()
+    rep = verify(s)
     assert rep.ok, rep.problems
     # deduplicated: the shared 12 MiB plus a few changed chunks per variant
     chunk_bytes = sum(p.stat().st_size for p in (root / "chunks").rglob("*") if p.is_file())
@@ -236,5 +236,5 @@ def test_daemon_and_cli_processes_share_a_store(tmp_path: Path) -> None:
             assert cli("blob", "cat", "--store", url, hexd).stdout == data
     finally:
         assert d.stop() == 0
-    rep = open_local_store(root).verify()
+    rep = verify(open_local(root))
     assert rep.ok, rep.problems

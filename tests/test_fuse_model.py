@@ -21,15 +21,18 @@ import trio
 from fixtures import HELLO, HELLO_HEX
 
 from tvix_fuse.errors import NoAttribute, NoEntry, ReadOnly, errno_for
-from tvix_fuse.model import BLOBS_INO, DIRECTORIES_INO, LONG_TTL, ROOT_INO, SHORT_NEGATIVE_TTL, STORE_INO, FsModel
+from tvix_fuse.model import BLOBS_INO, DIRECTORIES_INO, ROOT_INO, STORE_INO, FsModel
 from tvix_fuse.ops import Operations
-from tvix_store.blobservice import BlobService, BlobWriter, ChunkMeta
+from tvix_fuse.views import LONG_TTL, SHORT_NEGATIVE_TTL
+from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.blobservice.memory import MemoryBlobService
-from tvix_store.castore import Directory, FileNode, SymlinkNode
-from tvix_store.digest import B3Digest
-from tvix_store.errors import IntegrityError, NotFoundError
-from tvix_store.pathinfo import PathInfo, StorePath
-from tvix_store.store import Store, memory_store
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, FileNode, SymlinkNode
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import IntegrityError, NotFoundError
+from tvix_store.core.pathinfo import PathInfo, StorePath
+from tvix_store.store import Store
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -95,7 +98,7 @@ class ChunkingBlobs(BlobService):
 
 
 def chunking_store(delay: float = 0.0) -> tuple[Store, ChunkingBlobs]:
-    base = memory_store()
+    base = open_store("memory://")
     blobs = ChunkingBlobs(delay)
     return Store(blobs, base.directories, base.pathinfos, "test://"), blobs
 
@@ -141,7 +144,7 @@ async def ls(m: FsModel, ino: int, take: Callable[[int], int] | None = None) -> 
 
 
 def test_root_layout_and_blob_lookup() -> None:
-    s = memory_store()
+    s = open_store("memory://")
     d = s.blobs.put(HELLO)
     assert d.hex() == HELLO_HEX
     m = FsModel(s)
@@ -175,7 +178,7 @@ def test_root_layout_and_blob_lookup() -> None:
     ],
 )
 def test_bad_or_absent_blob_names(name: bytes, ttl: float) -> None:
-    s = memory_store()
+    s = open_store("memory://")
     s.blobs.put(HELLO)
     m = FsModel(s)
 
@@ -190,7 +193,7 @@ def test_bad_or_absent_blob_names(name: bytes, ttl: float) -> None:
 
 
 def make_tree_store() -> tuple[Store, dict[str, Any]]:
-    s = memory_store()
+    s = open_store("memory://")
     data = b"#!/bin/sh\necho hi\n"
     d = s.blobs.put(data)
     inner = Directory.from_nodes([FileNode(b"same", d, len(data))])
@@ -270,7 +273,7 @@ def test_store_root_layout() -> None:
 
 
 def test_readdir_10k_entries_resumes_exactly() -> None:
-    s = memory_store()
+    s = open_store("memory://")
     d = s.blobs.put(b"x")
     names = [f"f{i:05d}".encode() for i in range(10_000)]
     big = Directory.from_nodes([FileNode(n, d, 1, executable=(i % 3 == 0)) for i, n in enumerate(names)])
@@ -364,7 +367,7 @@ def test_chunk_lru_serves_consecutive_requests() -> None:
         out = b"".join([await m.read(fh, off, 4096) for off in range(0, len(data), 4096)])
         assert out == data
         assert len(blobs.fetches) == 2  # each chunk fetched once
-        assert m.counters.chunk_cache_hits > 0
+        assert m.counters.get("chunk_cache_hits") > 0
 
     run(main)
 
@@ -389,7 +392,7 @@ def test_single_flight_and_limiter() -> None:
                 n.start_soon(reader)
         assert results == [data[150_000:151_000]] * 16
         assert blobs.fetches == [blobs.lists[digest][1].digest]  # one fetch for 16 readers
-        assert m.counters.single_flight_joins == 15
+        assert m.counters.get("single_flight_joins") == 15
         # 20 different chunks at once: never more than `threads` store calls in flight
         b = await m.lookup(BLOBS_INO, other.hex().encode())
         fh = await m.open(b.ino, os.O_RDONLY)
@@ -403,26 +406,34 @@ def test_single_flight_and_limiter() -> None:
 
 
 def test_sequential_reads_hint_prefetch_with_bounded_window() -> None:
+    """A sequential reader hints each chunk ahead once, never more than the policy's window
+    (doubling from INITIAL_WINDOW to MAX_WINDOW) past what it read; random access hints nothing."""
+    from tvix_store.readahead import INITIAL_WINDOW, MAX_WINDOW
+
     s, blobs = chunking_store()
-    data = random.Random(9).randbytes(64 * 1024)
-    digest = blobs.add(data, [1024] * 64)
+    chunk = 64 * 1024
+    data = random.Random(9).randbytes(256 * chunk)  # 16 MiB
+    digest = blobs.add(data, [chunk] * 256)
+    index = {c.digest: i for i, c in enumerate(blobs.lists[digest])}
     m = FsModel(s)
 
     async def main() -> None:
         a = await m.lookup(BLOBS_INO, digest.hex().encode())
         fh = await m.open(a.ino, os.O_RDONLY)
-        for off in range(0, 16 * 1024, 1024):
-            await m.read(fh, off, 1024)
+        for off in range(0, 64 * chunk, chunk):
+            await m.read(fh, off, chunk)
             ahead = blobs.prefetched
             assert len(ahead) == len(set(ahead))  # a chunk is hinted once
-            idx = [blobs.lists[digest].index(ChunkMeta(d, 1024)) for d in ahead]
-            assert max(idx) <= off // 1024 + 16  # bounded window
-        assert len(blobs.prefetched) >= 16
+            furthest = max(index[d] for d in ahead)
+            assert (furthest + 1) * chunk <= off + chunk + MAX_WINDOW  # bounded window
+            if off == 0:
+                assert (furthest + 1) * chunk <= chunk + INITIAL_WINDOW  # it starts small
+        assert max(index[d] for d in blobs.prefetched) * chunk >= 64 * chunk + MAX_WINDOW // 2  # and grows
         # random access: no hints
         blobs.prefetched.clear()
         fh2 = await m.open(a.ino, os.O_RDONLY)
-        for off in (50_000, 3000, 40_000, 10_000):
-            await m.read(fh2, off, 100)
+        for off in (50 * chunk, 3 * chunk, 200 * chunk, 10 * chunk):
+            await m.read(fh2, off + 100, 100)
         assert blobs.prefetched == []
 
     run(main)
@@ -431,7 +442,7 @@ def test_sequential_reads_hint_prefetch_with_bounded_window() -> None:
 def test_one_large_read_at_a_random_offset_fetches_only_its_range() -> None:
     """The kernel splits one large read into sequential requests; that run must not start
     read-ahead or prefetch until it has covered SEQUENTIAL_MIN_BYTES (wire bytes ≤ 2× read)."""
-    from tvix_fuse.model import SEQUENTIAL_MIN_BYTES
+    from tvix_store.readahead import SEQUENTIAL_MIN_BYTES
 
     s, blobs = chunking_store()
     size = 8 * SEQUENTIAL_MIN_BYTES
@@ -452,7 +463,7 @@ def test_one_large_read_at_a_random_offset_fetches_only_its_range() -> None:
             assert out == data[start : start + read]
             m.start_background(None)
         assert blobs.prefetched == []
-        assert m.counters.readahead_chunks == 0
+        assert m.counters.get("readahead_chunks") == 0
         fetched = sum(blobs.mem.size(d) or 0 for d in set(blobs.fetches))
         assert fetched <= read + 2 * 64 * 1024
 
@@ -462,7 +473,7 @@ def test_one_large_read_at_a_random_offset_fetches_only_its_range() -> None:
 def test_small_files_are_read_whole_and_advised_when_their_directory_is_first_used() -> None:
     """A tree's small files: one read_chunk of the blob itself (no chunk-list Stat), and the
     directory's first use passes them (not the big ones) to BlobService.advise."""
-    from tvix_fuse.model import WHOLE_READ_MAX
+    from tvix_fuse.readpath import WHOLE_READ_MAX
 
     s, blobs = chunking_store()
     small = random.Random(11).randbytes(5000)
@@ -498,7 +509,7 @@ def test_small_files_are_read_whole_and_advised_when_their_directory_is_first_us
 
 
 def test_holes_stat_works_read_and_readdir_fail() -> None:
-    s = memory_store()
+    s = open_store("memory://")
     missing_blob = B3Digest.of(b"never stored")
     missing_dir = Directory.from_nodes([FileNode(b"f", missing_blob, 12)])
     root = Directory.from_nodes([FileNode(b"file", missing_blob, 12), missing_dir.as_node(b"dir")])
@@ -546,7 +557,7 @@ def test_integrity_error_is_eio_never_bytes(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_chunk_list_disagreeing_with_file_node_is_eio() -> None:
-    s = memory_store()
+    s = open_store("memory://")
     d = s.blobs.put(b"12345")
     root = Directory.from_nodes([FileNode(b"liar", d, 3)])
     s.directories.put(root)
@@ -564,7 +575,7 @@ def test_chunk_list_disagreeing_with_file_node_is_eio() -> None:
 
 def test_xattrs_and_read_only() -> None:
     s, t = make_tree_store()
-    s.counters = lambda: {"chunks_from_remote": 7}
+    s.counters.set("chunks_from_remote", 7)
     m = FsModel(s)
 
     async def main() -> None:
@@ -649,7 +660,7 @@ def test_read_ahead_fills_the_lru_in_the_background() -> None:
             assert out == data
             m.start_background(None)
         assert sorted(blobs.fetches) == sorted(c.digest for c in blobs.lists[digest])  # each chunk once
-        assert m.counters.readahead_chunks >= 10
-        assert m.counters.chunk_cache_hits >= 10  # the reader found them fetched already
+        assert m.counters.get("readahead_chunks") >= 10
+        assert m.counters.get("chunk_cache_hits") >= 10  # the reader found them fetched already
 
     run(main)

@@ -25,24 +25,25 @@ from fixtures import EMPTY_HEX, HELLO, HELLO_HEX
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tvix_store.blobservice import BlobService, BlobWriter, ChunkMeta
+from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.blobservice.memory import MemoryBlobService
-from tvix_store.castore import Directory, DirectoryNode, FileNode, SymlinkNode
-from tvix_store.digest import B3Digest
-from tvix_store.errors import (
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, DirectoryNode, FileNode, SymlinkNode
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import (
     IntegrityError,
     NotFoundError,
     StoreError,
     UnavailableError,
     ValidationError,
 )
-from tvix_store.grpc.client import open_grpc_store
-from tvix_store.grpc.server import BlobServicer, StoreServer
-from tvix_store.grpc.status import status_for
-from tvix_store.pathinfo import PathInfo, StorePath
-from tvix_store.proto import rpc_blobstore_pb2 as rb
-from tvix_store.proto import rpc_blobstore_pb2_grpc as rbg
-from tvix_store.store import Store, memory_store, open_store
+from tvix_store.core.pathinfo import PathInfo, StorePath
+from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
+from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
+from tvix_store.remote.status import status_for
+from tvix_store.serve.grpc import BlobServicer, StoreServer
+from tvix_store.store import Store
 
 MiB = 1 << 20
 
@@ -250,7 +251,7 @@ def test_client_directories_and_pathinfos(client: Store) -> None:
     size, sha = client.pathinfos.calculate_nar(node)
     from tvix_store import nar
 
-    local = memory_store()
+    local = open_store("memory://")
     local.blobs.put(b"file contents\n")
     local.directories.put_graph([leaf, mid, root])
     assert (size, sha) == nar.calculate(node, local.blobs, local.directories)
@@ -315,7 +316,7 @@ def all_calls(store: Store) -> dict[str, object]:
 
 def test_unreachable_port_is_unavailable_quickly() -> None:
     port = free_port()
-    with open_grpc_store(f"127.0.0.1:{port}", f"grpc+http://127.0.0.1:{port}", timeout=5) as store:
+    with open_store(f"grpc+http://127.0.0.1:{port}", timeout=5) as store:
         for name, call in all_calls(store).items():
             t0 = time.monotonic()
             with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}"):
@@ -345,7 +346,7 @@ def test_silent_server_is_unavailable_within_timeout() -> None:
     t.start()
     timeout = 1.0
     try:
-        with open_grpc_store(f"127.0.0.1:{port}", f"grpc+http://127.0.0.1:{port}", timeout=timeout) as store:
+        with open_store(f"grpc+http://127.0.0.1:{port}", timeout=timeout) as store:
             for name, call in all_calls(store).items():
                 t0 = time.monotonic()
                 with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}"):
@@ -407,7 +408,7 @@ class _Stalling(MemoryBlobService):
 
 
 def serve_inprocess(blobs: BlobService) -> tuple[StoreServer, str]:
-    base = memory_store()
+    base = open_store("memory://")
     server = StoreServer(Store(blobs, base.directories, base.pathinfos), max_workers=4)
     addr = server.bind("127.0.0.1:0")
     server.start()
@@ -420,7 +421,7 @@ def test_client_verifies_chunk_bytes() -> None:
     blobs.put(data)
     server, addr = serve_inprocess(blobs)
     try:
-        with open_grpc_store(addr, timeout=5) as store:
+        with open_store(f"grpc+http://{addr}", timeout=5) as store:
             with pytest.raises(IntegrityError, match=B3Digest.of(data).hex()):
                 store.blobs.read_chunk(B3Digest.of(data))
     finally:
@@ -430,7 +431,7 @@ def test_client_verifies_chunk_bytes() -> None:
 def test_client_treats_unchunked_blob_as_one_chunk() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    st = memory_store()
+    st = open_store("memory://")
     data = os.urandom(2 * MiB + 5)
     d = st.blobs.put(data)
     server = grpc.server(ThreadPoolExecutor(4))
@@ -438,7 +439,7 @@ def test_client_treats_unchunked_blob_as_one_chunk() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        with open_grpc_store(f"127.0.0.1:{port}", timeout=5) as store:
+        with open_store(f"grpc+http://127.0.0.1:{port}", timeout=5) as store:
             assert store.blobs.chunks(d) == [ChunkMeta(d, len(data))]
             assert store.blobs.size(d) == len(data)
             assert store.blobs.open_read(d).read() == data
@@ -462,7 +463,7 @@ def test_client_treats_unchunked_blob_as_one_chunk() -> None:
 def test_server_maps_store_failures(exc: Exception, client_exc: type[StoreError], words: str) -> None:
     server, addr = serve_inprocess(_Failing(exc))
     try:
-        with open_grpc_store(addr, timeout=5) as store:
+        with open_store(f"grpc+http://{addr}", timeout=5) as store:
             with pytest.raises(client_exc) as ei:
                 store.blobs.chunks(B3Digest.of(b"a"))
             assert type(ei.value) is client_exc
@@ -489,7 +490,7 @@ def test_stalled_stream_is_unavailable_within_timeout() -> None:
     blobs.stalling = True
     server, addr = serve_inprocess(blobs)
     try:
-        with open_grpc_store(addr, timeout=1) as store:
+        with open_store(f"grpc+http://{addr}", timeout=1) as store:
             t0 = time.monotonic()
             with pytest.raises(UnavailableError, match="no progress"):
                 store.blobs.read_chunk(d)
@@ -533,7 +534,7 @@ def test_slow_stream_consumer_is_not_a_stall(client: Store) -> None:
 
 _CLIENT_SCRIPT = r"""
 import json, sys, blake3
-from tvix_store.store import open_store
+from tvix_store.compose import open_store
 url, size = sys.argv[1], int(sys.argv[2])
 MiB = 1 << 20
 def piece(i):  # unique, cheap, reproducible: blake3 XOF keyed by a counter

@@ -14,29 +14,29 @@ import grpc
 import pytest
 from conftest import Daemon
 
-from tvix_store import nixbase32
-from tvix_store.proto import (
+from tvix_store.core import nixbase32
+from tvix_store.protocol.g1 import (
     castore_pb2 as c,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     pathinfo_pb2 as p,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_blobstore_pb2 as rb,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_blobstore_pb2_grpc as rbg,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_directory_pb2 as rd,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_directory_pb2_grpc as rdg,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_pathinfo_pb2 as rp,
 )
-from tvix_store.proto import (
+from tvix_store.protocol.g1 import (
     rpc_pathinfo_pb2_grpc as rpg,
 )
 

@@ -28,15 +28,17 @@ from conftest import Daemon, cli, one_line_error
 from fixtures import make_tree
 
 from tvix_store import importer, nar
-from tvix_store.blobservice import BlobService, BlobWriter, ChunkMeta
-from tvix_store.castore import Directory, Node
-from tvix_store.digest import B3Digest
+from tvix_store.blobservice import BlobService, BlobWriter
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, Node
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import StoreError, ValidationError
+from tvix_store.core.pathinfo import PathInfo
 from tvix_store.directoryservice import DirectoryService
-from tvix_store.errors import StoreError, ValidationError
 from tvix_store.importer import import_path, nix_basename
-from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice import PathInfoService
-from tvix_store.store import Store, open_store
+from tvix_store.store import Store
 
 # --- an in-process counting double around a store's services -----------------------------------
 
@@ -378,7 +380,7 @@ def test_big_file_upload_failure(tmp_path: Path) -> None:
 def test_small_files_read_again_beyond_memory_budget(
     keep: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(importer, "KEEP_BYTES", keep)
+    monkeypatch.setattr(importer.walk, "KEEP_BYTES", keep)
     tree = rich_tree(tmp_path / "tree", big=False)
     store = open_store("memory://")
     info = import_path(store, tree)
@@ -390,7 +392,7 @@ def test_small_files_read_again_beyond_memory_budget(
 @pytest.mark.parametrize("keep", [0, importer.KEEP_BYTES])
 def test_file_changed_between_hashing_and_upload(keep: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file rewritten after it was hashed: read again (or kept) bytes must not be stored under a wrong name."""
-    monkeypatch.setattr(importer, "KEEP_BYTES", keep)
+    monkeypatch.setattr(importer.walk, "KEEP_BYTES", keep)
     tree = rich_tree(tmp_path / "tree", big=False)
     victim = tree / "sub" / "x"
     s, _, _, p = counting(open_store("memory://"))

@@ -3,7 +3,7 @@
 daemon through every method. Expected values come from b3sum, `nix-store --dump` and
 blake3 over the independently generated messages, never from this project's code.
 
-The generated modules define the same message names as `tvix_store.proto`, so they run
+The generated modules define the same message names as `tvix_store.protocol.g1`, so they run
 in a separate interpreter (one protobuf descriptor pool each).
 """
 
@@ -139,7 +139,7 @@ def test_independent_tvix_client(tmp_path: Path) -> None:
     (tree / "sub" / "x").write_bytes(files["x"])
     os.symlink("a.txt", tree / "link")
     output_hash = bytes(range(20))
-    from tvix_store import nixbase32  # only to spell the store path name; the server parses it itself
+    from tvix_store.core import nixbase32  # only to spell the store path name; the server parses it itself
 
     basename = nixbase32.encode(output_hash) + "-tree"
     spec = {"files": {k: v.hex() for k, v in files.items()}, "basename": basename, "output_hash": output_hash.hex()}

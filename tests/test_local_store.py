@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 from conftest import cli
-from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
+from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, open_local, random_bytes, verify
 
-from tvix_store.castore import Directory, FileNode
-from tvix_store.chunker import DEFAULT
-from tvix_store.digest import B3Digest
-from tvix_store.errors import IntegrityError, StoreError, ValidationError
-from tvix_store.local import LocalStore, open_local_store
-from tvix_store.pathinfo import PathInfo, StorePath
-from tvix_store.store import open_store
+from tvix_store.chunking import DEFAULT
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, FileNode
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import IntegrityError, StoreError, ValidationError
+from tvix_store.core.pathinfo import PathInfo, StorePath
+from tvix_store.store import Store
 
 MIN = DEFAULT.min_size
 
@@ -39,14 +39,12 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(root: Path) -> LocalStore:
-    s = open_store(f"local://{root}")
-    assert isinstance(s, LocalStore)
-    return s
+def store(root: Path) -> Store:
+    return open_store(f"local://{root}")
 
 
 @pytest.mark.parametrize("size", [0, 1, MIN - 1, MIN, MIN + 1, 3 * DEFAULT.max_size + 12345])
-def test_put_read_stat(store: LocalStore, root: Path, size: int) -> None:
+def test_put_read_stat(store: Store, root: Path, size: int) -> None:
     data = random_bytes(size, seed=size)
     d = store.blobs.put(data)
     assert d.hex() == b3sum(data)
@@ -74,10 +72,10 @@ def test_put_read_stat(store: LocalStore, root: Path, size: int) -> None:
         for c in chunks:  # every chunk is a blob of its own
             assert store.blobs.chunks(c.digest) == [c]
             assert c.digest.hex() == b3sum(store.blobs.read_chunk(c.digest) or b"")
-    assert store.verify().ok
+    assert verify(store).ok
 
 
-def test_absent(store: LocalStore) -> None:
+def test_absent(store: Store) -> None:
     d = B3Digest.of(b"never stored")
     assert store.blobs.chunks(d) is None
     assert store.blobs.read_chunk(d) is None
@@ -87,7 +85,7 @@ def test_absent(store: LocalStore) -> None:
     assert store.pathinfos.get(bytes(20)) is None
 
 
-def test_similar_large_files_share_chunks(store: LocalStore, root: Path) -> None:
+def test_similar_large_files_share_chunks(store: Store, root: Path) -> None:
     a = random_bytes(32 << 20, seed=1)
     b = bytearray(a)
     for off in (5 << 20, 17 << 20, 30 << 20):  # three bytes changed
@@ -111,7 +109,7 @@ def test_similar_large_files_share_chunks(store: LocalStore, root: Path) -> None
     assert len(files(root, "chunks")) == n_b
 
 
-def test_streaming_write_in_odd_pieces_gives_same_chunks(store: LocalStore) -> None:
+def test_streaming_write_in_odd_pieces_gives_same_chunks(store: Store) -> None:
     data = random_bytes(5 << 20, seed=2)
     whole = store.blobs.chunks(store.blobs.put(data))
     w = store.blobs.open_write()
@@ -126,7 +124,7 @@ def test_streaming_write_in_odd_pieces_gives_same_chunks(store: LocalStore) -> N
     assert store.blobs.chunks(w.close()) == whole
 
 
-def test_reader_seek_and_partial_reads(store: LocalStore) -> None:
+def test_reader_seek_and_partial_reads(store: Store) -> None:
     data = random_bytes(4 << 20, seed=3)
     d = store.blobs.put(data)
     r = store.blobs.open_read(d)
@@ -138,7 +136,7 @@ def test_reader_seek_and_partial_reads(store: LocalStore) -> None:
     assert r.read() == data[-4:]
 
 
-def test_corrupted_chunk_is_an_integrity_error(store: LocalStore, root: Path) -> None:
+def test_corrupted_chunk_is_an_integrity_error(store: Store, root: Path) -> None:
     data = random_bytes(3 << 20, seed=4)
     d = store.blobs.put(data)
     chunks = store.blobs.chunks(d)
@@ -155,11 +153,11 @@ def test_corrupted_chunk_is_an_integrity_error(store: LocalStore, root: Path) ->
     assert r.read(chunks[0].size) == data[: chunks[0].size]  # chunks before it are fine
     with pytest.raises(IntegrityError):
         r.read(10)
-    rep = store.verify()
+    rep = verify(store)
     assert not rep.ok and any(victim.hex() in p for p in rep.problems)
 
 
-def test_damaged_blob_record_is_detected(store: LocalStore, root: Path) -> None:
+def test_damaged_blob_record_is_detected(store: Store, root: Path) -> None:
     d = store.blobs.put(random_bytes(2 << 20, seed=5))
     rec = root / "blobs" / d.hex()[:2] / d.hex()
     raw = bytearray(rec.read_bytes())
@@ -167,17 +165,17 @@ def test_damaged_blob_record_is_detected(store: LocalStore, root: Path) -> None:
     rec.write_bytes(raw)
     with pytest.raises(IntegrityError, match="damaged"):
         store.blobs.chunks(d)
-    assert not store.verify().ok
+    assert not verify(store).ok
 
 
-def test_corrupted_directory_is_detected(store: LocalStore, root: Path) -> None:
+def test_corrupted_directory_is_detected(store: Store, root: Path) -> None:
     f = FileNode(b"f", B3Digest.of(HELLO), len(HELLO))
     d = store.directories.put(Directory(files=(f,)))
     path = root / "directories" / d.hex()[:2] / d.hex()
     path.write_bytes(path.read_bytes()[:-1] + b"X")
     with pytest.raises(IntegrityError):
         store.directories.get(d)
-    assert not store.verify().ok
+    assert not verify(store).ok
 
 
 def test_persistence_across_reopen(root: Path) -> None:
@@ -193,7 +191,6 @@ def test_persistence_across_reopen(root: Path) -> None:
         info = PathInfo(top.as_node(sp.basename.encode()))
         s.pathinfos.put(info)
     with open_store(f"local://{root}") as s:
-        assert isinstance(s, LocalStore)
         assert s.blobs.open_read(bd).read() == data  # type: ignore[union-attr]
         assert s.blobs.read_chunk(hd) == HELLO and hd.hex() == HELLO_HEX
         assert [d.digest for d in s.directories.get_recursive(td)] == [td, sub.digest]
@@ -201,10 +198,10 @@ def test_persistence_across_reopen(root: Path) -> None:
         assert list(s.pathinfos.iter_all()) == [info]
         assert s.pathinfos.calculate_nar(info.node) == (size, sha)  # type: ignore[arg-type]
         assert set(s.directories.iter_digests()) == {td, sub.digest}
-        assert s.verify().ok
+        assert verify(s).ok
 
 
-def test_iter_digests_lists_written_blobs(store: LocalStore) -> None:
+def test_iter_digests_lists_written_blobs(store: Store) -> None:
     big = store.blobs.put(random_bytes(3 << 20, seed=7))
     small = store.blobs.put(HELLO)
     empty = store.blobs.put(b"")
@@ -212,7 +209,7 @@ def test_iter_digests_lists_written_blobs(store: LocalStore) -> None:
     assert listed == {big, small, empty}  # chunks of the big blob resolve but are not listed
 
 
-def test_aborted_writer_leaves_nothing(store: LocalStore, root: Path) -> None:
+def test_aborted_writer_leaves_nothing(store: Store, root: Path) -> None:
     data = random_bytes(5 << 20, seed=8)
     with pytest.raises(RuntimeError), store.blobs.open_write() as w:
         w.write(data)
@@ -228,7 +225,7 @@ def test_aborted_writer_leaves_nothing(store: LocalStore, root: Path) -> None:
 
 
 def test_stale_temp_files_are_cleaned_on_open(root: Path) -> None:
-    open_local_store(root).close()
+    open_local(root).close()
     p = subprocess.Popen(["true"])
     p.wait()
     old = root / "tmp" / f"{p.pid}.abc.1"
@@ -239,9 +236,9 @@ def test_stale_temp_files_are_cleaned_on_open(root: Path) -> None:
     long_ago = time.time() - 2 * 3600
     os.utime(old, (long_ago, long_ago))
     os.utime(mine_old, (long_ago, long_ago))
-    s = open_local_store(root)
+    s = open_local(root)
     assert not old.exists() and fresh.exists() and mine_old.exists()
-    assert s.verify().ok
+    assert verify(s).ok
 
 
 def test_open_refuses_foreign_directory_and_bad_options(tmp_path: Path) -> None:
@@ -279,19 +276,21 @@ def test_cli_blob_commands_over_local_store(tmp_path: Path) -> None:
     assert cli("blob", "cat", "--store", url, first_hex).stdout == data[: int(first_size)]
 
 
-def test_advise_warms_chunk_files_in_the_background_and_is_bounded(store: LocalStore) -> None:
+def test_advise_warms_chunk_files_in_the_background_and_is_bounded(store: Store) -> None:
     """`advise` returns at once, skips what is not a chunk file, and drops hints past its bound."""
-    from tvix_store.blobservice import local as blocal
+    from tvix_store.objects.files import MAX_ADVISED, FileObjectStore
 
+    objects = store.blobs.objects  # type: ignore[attr-defined]
+    assert isinstance(objects, FileObjectStore)
     digests = [store.blobs.put(random_bytes(1000 + i, seed=i)) for i in range(40)]
     absent = B3Digest.of(b"not stored")
     store.blobs.advise([*digests, absent])
     deadline = time.monotonic() + 10
-    while blocal._advised:  # every hinted file handled (absent ones skipped, no error)
+    while objects.advised:  # every hinted file handled (absent ones skipped, no error)
         assert time.monotonic() < deadline, "advise did not finish"
         time.sleep(0.01)
     # past the bound a hint is dropped, not queued: the counter never exceeds it
-    store.blobs.advise([absent] * (blocal._MAX_ADVISED + 1))
-    assert blocal._advised == 0
+    store.blobs.advise([absent] * (MAX_ADVISED + 1))
+    assert objects.advised == 0
     for d in digests:
         assert store.blobs.read_chunk(d) is not None

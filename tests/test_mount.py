@@ -24,11 +24,11 @@ from conftest import Daemon, cli
 from fixtures import make_tree, random_bytes
 from mountutil import MountProc, is_mounted, kill_serving, pids_serving, requires_fuse, unmount, wait_until
 
-from tvix_store.castore import Directory, DirectoryNode, FileNode
-from tvix_store.digest import B3Digest
+from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, DirectoryNode, FileNode
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.pathinfo import PathInfo, StorePath
 from tvix_store.importer import import_path
-from tvix_store.pathinfo import PathInfo, StorePath
-from tvix_store.store import open_store
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 

@@ -24,11 +24,13 @@ import pytest
 from conftest import Daemon, cli
 from fixtures import HELLO, make_tree
 
-from tvix_store import nar, nixbase32
-from tvix_store.digest import B3Digest
+from tvix_store import nar
+from tvix_store.compose import open_store
+from tvix_store.core import nixbase32
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.pathinfo import PathInfo, StorePath
 from tvix_store.importer import import_path
-from tvix_store.pathinfo import PathInfo, StorePath
-from tvix_store.store import Store, open_store
+from tvix_store.store import Store
 
 pytestmark = pytest.mark.nix
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tvix_store.proto import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvix_store.protocol.g1 import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ def test_generated_modules_are_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [str(REPO / "scripts" / "gen-protos"), str(out)], check=True, env={**os.environ, "PYTHON": sys.executable}
     )
-    committed = REPO / "tvix_store" / "proto"
+    committed = REPO / "tvix_store" / "protocol" / "g1"
     generated = sorted(p.name for p in out.iterdir())
     assert generated == sorted(
         p.name for p in committed.iterdir() if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name

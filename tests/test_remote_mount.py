@@ -25,8 +25,8 @@ from fixtures import coexisting_disk_use, make_tree, random_bytes
 from mountutil import MountProc, requires_fuse
 from tcpproxy import TcpProxy
 
-from tvix_store.digest import B3Digest
-from tvix_store.store import open_store
+from tvix_store.compose import open_store
+from tvix_store.core.digest import B3Digest
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 

@@ -1,7 +1,7 @@
 """The exceptions of the filesystem model and the ONE map from any exception to an errno.
 
 The model (`tvix_fuse.model`) raises these and the store's domain exceptions
-(`tvix_store.errors`); the pyfuse3 adapter (`tvix_fuse.ops`) turns whatever a model call
+(`tvix_store.core.errors`); the pyfuse3 adapter (`tvix_fuse.ops`) turns whatever a model call
 raised into `FUSEError(errno_for(exc))`. Nothing else maps errors. This module does not
 import pyfuse3 (an errno is an int).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from tvix_store.errors import IntegrityError, NotFoundError, StoreError, UnavailableError
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, UnavailableError
 
 log = logging.getLogger("tvix_fuse")
 

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from tvix_store.blobservice import ChunkMeta
-from tvix_store.castore import Directory, Node
-from tvix_store.digest import B3Digest
+from tvix_store.core.castore import Directory, FileNode, Node, SymlinkNode
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import B3Digest
 
 ROOT_INO = 1
 #: Numbers below this are reserved for fixed inodes.
@@ -169,3 +169,17 @@ class InodeTable:
         del self._by_ino[node.ino]
         if self._by_key.get(node.key) == node.ino:
             del self._by_key[node.key]
+
+
+Factory = Callable[[], FileData | DirData | SymlinkData]
+
+
+def node_spec(node: Node, parent: int) -> tuple[bytes, Factory]:
+    """(inode key, data factory) of a node found under directory inode `parent`."""
+    if isinstance(node, FileNode):
+        return file_key(node.digest, node.size, node.executable), lambda: FileData(
+            node.digest, node.size, node.executable
+        )
+    if isinstance(node, SymlinkNode):
+        return symlink_key(node.target), lambda: SymlinkData(node.target)
+    return dir_key(parent, node.name), lambda: DirData(parent, node.digest, "tree", node.size)

@@ -4,54 +4,39 @@ reads and xattrs over a `Store`. Defined here and only here (borg's vfs.py idea)
 It does not import pyfuse3 (the adapter `tvix_fuse.ops` does) and is tested without a
 mount (tests/test_fuse_model.py). Methods are trio-async and run on the trio thread; every
 blocking store call goes through the shared `Offloader` (threads under one
-CapacityLimiter). Errors are the exceptions of `tvix_fuse.errors` and `tvix_store.errors`;
+CapacityLimiter). Errors are the exceptions of `tvix_fuse.errors` and `tvix_store.core.errors`;
 `tvix_fuse.errors.errno_for` maps them. See docs/fuse.md for the concurrency invariants.
 
-Layout (CLI.md "Mount layout"): `blobs/<hex>`, `directories/<hex>/…`, `store/<hash>-<name>`,
-or the store view at the root (`store_root=True`). Look-ups under blobs/ and
-directories/ accept lowercase hex only (64 characters, what b3sum prints).
+Layout: `blobs/<hex>`, `directories/<hex>/…`, `store/<hash>-<name>`, or the store view at the
+root (`store_root=True`). This module holds the root, the tree directories, attributes,
+handles and xattrs; the virtual directories are `tvix_fuse.views`, file reads
+`tvix_fuse.readpath`.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import os
-import re
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
 
-from tvix_fuse.cache import DEFAULT_CACHE_BYTES, DEFAULT_THREADS, ChunkCache, Counters, Offloader, SingleFlight
 from tvix_fuse.errors import BadHandle, NoAttribute, NoEntry, NotADirectory, ReadOnly
-from tvix_fuse.inodes import (
-    ROOT_INO,
-    DirData,
-    FileData,
-    Inode,
-    InodeTable,
-    SymlinkData,
-    dir_key,
-    file_key,
-    symlink_key,
-)
-from tvix_store.blobservice import ChunkMeta
-from tvix_store.castore import Directory, FileNode, Node, SymlinkNode
-from tvix_store.digest import EMPTY_DIGEST, B3Digest
-from tvix_store.errors import IntegrityError, NotFoundError, ValidationError
-from tvix_store.pathinfo import StorePath
+from tvix_fuse.inodes import ROOT_INO, DirData, Factory, FileData, Inode, InodeTable, SymlinkData, node_spec
+from tvix_fuse.offload import DEFAULT_THREADS, Offloader
+from tvix_fuse.readpath import DEFAULT_BUFFER_BYTES, ChunkBuffer, FileHandle, ReadPath
+from tvix_fuse.views import LONG_TTL, DirHandle, VirtualDirs
+from tvix_store.core.castore import Directory, Node
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import NotFoundError
 from tvix_store.store import Store
+from tvix_store.util.counters import Counters
+from tvix_store.util.singleflight import SingleFlight
 
 log = logging.getLogger("tvix_fuse")
-
-#: entry/attr timeout of everything that exists (content is immutable)
-LONG_TTL = 86400.0
-#: negative entry timeout where the object may arrive later (blobs/, directories/, store/)
-SHORT_NEGATIVE_TTL = 1.0
 
 BLOBS_INO = 2
 DIRECTORIES_INO = 3
@@ -61,25 +46,26 @@ XATTR_BLOB = b"user.tvix.castore.blob.digest"
 XATTR_DIRECTORY = b"user.tvix.castore.directory.digest"
 XATTR_STATS = b"user.tvix.stats."
 
-_HEX64 = re.compile(rb"[0-9a-f]{64}")
 #: entries per model readdir call (the kernel takes ~25-100 per request)
 READDIR_BATCH = 128
-#: sequential read-ahead hint window, in chunks: starts small, doubles per sequential read
-PREFETCH_MIN_CHUNKS = 2
-PREFETCH_MAX_CHUNKS = 16
-#: chunks the model itself fetches into its LRU ahead of a sequential reader (background
-#: tasks, at most half the offload threads), so store reads and hashing overlap the kernel's
-READAHEAD_CHUNKS = 4
-#: files of a tree up to this size are read as one piece, without asking for their chunk list
-WHOLE_READ_MAX = 256 << 10
 #: on first use of a tree directory, its files up to this size (at most ADVISE_MAX_FILES of
 #: them) are passed to BlobService.advise (local disk read-ahead; no network traffic)
 ADVISE_MAX_FILE_SIZE = 256 << 10
 ADVISE_MAX_FILES = 256
-#: a run of sequential reads that did not start at offset 0 must cover this many bytes
-#: before read-ahead and prefetch start: one large read at a random offset (which the
-#: kernel splits into several sequential requests) must not fetch beyond its range
-SEQUENTIAL_MIN_BYTES = 2 << 20
+
+#: the mount's own counters (shown as `user.tvix.stats.mount.<name>`)
+MOUNT_COUNTERS = (
+    "lookups",
+    "reads",
+    "bytes_read",
+    "chunks_fetched",
+    "chunk_bytes_fetched",
+    "chunk_cache_hits",
+    "single_flight_joins",
+    "prefetch_hints",
+    "readahead_chunks",
+    "store_calls",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,40 +91,6 @@ class DirEntry:
     counted: bool = True
 
 
-@dataclass(slots=True)
-class FileHandle:
-    inode: Inode
-    next_off: int = 0  # where a sequential reader continues
-    run_from: int = 0  # where the current run of sequential reads began
-    window: int = PREFETCH_MIN_CHUNKS
-    hinted: int = -1  # highest chunk index already passed to prefetch
-
-
-@dataclass(slots=True)
-class DirHandle:
-    inode: Inode
-    #: virtual directories: the listing snapshot taken on the first readdir
-    listing: Listing | None = None
-    #: blobs/: the digests of the listing, sizes looked up in batches
-    digests: list[B3Digest] | None = None
-
-
-Factory = Callable[[], FileData | DirData | SymlinkData]
-#: a virtual directory's listing: (name, inode key, data factory); key b"" while unknown
-Listing = list[tuple[bytes, bytes, Factory | None]]
-
-
-def _spec(node: Node, parent: int) -> tuple[bytes, Factory]:
-    """(inode key, data factory) of a node found under directory inode `parent`."""
-    if isinstance(node, FileNode):
-        return file_key(node.digest, node.size, node.executable), lambda: FileData(
-            node.digest, node.size, node.executable
-        )
-    if isinstance(node, SymlinkNode):
-        return symlink_key(node.target), lambda: SymlinkData(node.target)
-    return dir_key(parent, node.name), lambda: DirData(parent, node.digest, "tree", node.size)
-
-
 class FsModel:
     """The read-only filesystem over one Store (see module docstring)."""
 
@@ -148,16 +100,18 @@ class FsModel:
         *,
         store_root: bool = False,
         threads: int = DEFAULT_THREADS,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
         self.store = store
         self.store_root = store_root
-        self.counters = Counters()
+        self.counters = Counters(MOUNT_COUNTERS)
         self.offload = Offloader(threads, self.counters)
-        self.chunk_cache = ChunkCache(store.blobs, self.offload, cache_bytes)
-        self._chunk_lists: SingleFlight[B3Digest, list[ChunkMeta] | None] = SingleFlight(self.counters)
-        self._directories: SingleFlight[B3Digest, Directory | None] = SingleFlight(self.counters)
+        self.readpath = ReadPath(store.blobs, self.offload, self.counters, cache_bytes)
+        self._directories: SingleFlight[B3Digest, Directory | None] = SingleFlight(
+            on_join=lambda: self.counters.add("single_flight_joins")
+        )
         self.inodes = InodeTable()
+        self.views = VirtualDirs(store, self.offload, self.inodes, self.readpath, self._directory)
         if store_root:
             self.inodes.add_fixed(ROOT_INO, b"/root", DirData(ROOT_INO, role="store"))
         else:
@@ -169,12 +123,15 @@ class FsModel:
         self._fhs = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
-        self._background: trio.Nursery | None = None
-        self._readaheads = 0
+
+    @property
+    def chunk_cache(self) -> ChunkBuffer:
+        """The read path's LRU of verified chunks."""
+        return self.readpath.buffer
 
     def start_background(self, nursery: trio.Nursery | None) -> None:
         """Enable read-ahead tasks in `nursery` (the mount's); None disables them."""
-        self._background = nursery
+        self.readpath.start_background(nursery)
 
     # --- inodes and attributes -------------------------------------------------------
 
@@ -206,8 +163,7 @@ class FsModel:
         for ino, n in inodes:
             self.inodes.forget(ino, n)
 
-    def _take(self, key: bytes, make: Factory) -> Attr:
-        node = self.inodes.intern(key, make)
+    def _taken(self, node: Inode) -> Attr:
         self.inodes.ref(node)
         return self.attr_of(node)
 
@@ -218,75 +174,31 @@ class FsModel:
 
         Raises NoEntry(ttl) for an absent name, NotFoundError (EIO) inside a hole.
         """
-        self.counters.lookups += 1
+        self.counters.add("lookups")
         pnode, pdir = self._dir(parent)
         if name == b".":
-            self.inodes.ref(pnode)
-            return self.attr_of(pnode)
+            return self._taken(pnode)
         if name == b"..":
-            up = self._inode(pdir.parent)
-            self.inodes.ref(up)
-            return self.attr_of(up)
+            return self._taken(self._inode(pdir.parent))
         role = pdir.role
         if role == "root":
             ino = self._top.get(name)
             if ino is None:
                 raise NoEntry(LONG_TTL)
-            top = self._inode(ino)
-            self.inodes.ref(top)
-            return self.attr_of(top)
-        if role == "blobs":
-            digest = self._hex_name(name)
-            chunks = await self._chunks(digest)
-            if chunks is None:
-                raise NoEntry(SHORT_NEGATIVE_TTL)
-            size = sum(c.size for c in chunks)
-            node = self.inodes.intern(file_key(digest, size, False), lambda: FileData(digest, size, False))
-            assert isinstance(node.data, FileData)
-            if node.data.chunks is None:
-                self._set_chunks(node.data, chunks)
-            self.inodes.ref(node)
-            return self.attr_of(node)
-        if role == "directories":
-            digest = self._hex_name(name)
-            directory = await self._directory(digest)
-            if directory is None:
-                raise NoEntry(SHORT_NEGATIVE_TTL)
-            node = self.inodes.intern(dir_key(parent, name), _dir_factory(parent, digest))
-            assert isinstance(node.data, DirData)
-            if node.data.children is None:
-                node.data.populate(directory)
-            self.inodes.ref(node)
-            return self.attr_of(node)
-        if role == "store":
-            try:
-                sp = StorePath.parse_basename(name)
-            except ValidationError:
-                raise NoEntry(LONG_TTL) from None
-            info = await self.offload.run(self.store.pathinfos.get, sp.digest)
-            if info is None or info.node is None or info.node.name != name:
-                raise NoEntry(SHORT_NEGATIVE_TTL)
-            return self._take(*_spec(info.node, parent))
+            return self._taken(self._inode(ino))
+        if role != "tree":
+            return self._taken(await self.views.lookup(role, parent, name))
         # a directory of a tree: immutable, so an absent name may be cached for long
         children = await self._populate(pdir)
         child = children.get(name)
         if child is None:
             raise NoEntry(LONG_TTL)
-        return self._take(*_spec(child, parent))
+        return self._taken(self.inodes.intern(*node_spec(child, parent)))
 
-    @staticmethod
-    def _hex_name(name: bytes) -> B3Digest:
-        if not _HEX64.fullmatch(name):
-            raise NoEntry(LONG_TTL)  # never a digest, whatever arrives later
-        return B3Digest(bytes.fromhex(name.decode()))
-
-    # --- store fetches (single-flight, in threads) ------------------------------------
-
-    async def _chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        return await self._chunk_lists.do(digest, lambda: self.offload.run(self.store.blobs.chunks, digest))
+    # --- tree directories ----------------------------------------------------------------
 
     async def _directory(self, digest: B3Digest) -> Directory | None:
-        return await self._directories.do(digest, lambda: self.offload.run(self.store.directories.get, digest))
+        return await self._directories.arun(digest, lambda: self.offload.run(self.store.directories.get, digest))
 
     async def _populate(self, d: DirData) -> dict[bytes, Node]:
         """A tree directory's entries, fetching its Directory on first use (sparse → populated)."""
@@ -302,38 +214,6 @@ class FsModel:
                 self.store.blobs.advise(small[:ADVISE_MAX_FILES])
         assert d.by_name is not None
         return d.by_name
-
-    @staticmethod
-    def _set_chunks(f: FileData, chunks: list[ChunkMeta]) -> None:
-        total = 0
-        offsets = []
-        for c in chunks:
-            offsets.append(total)
-            total += c.size
-        if total != f.size:
-            raise IntegrityError(
-                f"blob {f.digest.hex()}: its chunks add up to {total} bytes, the file node says {f.size}"
-            )
-        f.chunks = chunks
-        f.offsets = offsets
-
-    async def _chunk_index(self, f: FileData) -> tuple[list[ChunkMeta], list[int]]:
-        if f.chunks is None:
-            if f.size == 0 and f.digest == EMPTY_DIGEST:
-                chunks: list[ChunkMeta] | None = []
-            elif 0 < f.size <= WHOLE_READ_MAX:
-                # a small file: read the blob itself as its one chunk (BlobService.read_chunk
-                # serves whole small blobs), saving a Stat round trip per file; its length is
-                # still checked against the FileNode's size
-                chunks = [ChunkMeta(f.digest, f.size)]
-            else:
-                chunks = await self._chunks(f.digest)
-            if chunks is None:
-                raise NotFoundError(f"blob {f.digest.hex()} is missing from the store")
-            if f.chunks is None:
-                self._set_chunks(f, chunks)
-        assert f.chunks is not None and f.offsets is not None
-        return f.chunks, f.offsets
 
     # --- files -----------------------------------------------------------------------
 
@@ -361,98 +241,7 @@ class FsModel:
         h = self._files.get(fh)
         if h is None:
             raise BadHandle(f"unknown file handle {fh}")
-        f = h.inode.data
-        assert isinstance(f, FileData)
-        self.counters.reads += 1
-        end = min(off + size, f.size)
-        if off >= end:
-            return b""
-        chunks, offsets = await self._chunk_index(f)
-        first = bisect.bisect_right(offsets, off) - 1
-        last = bisect.bisect_left(offsets, end) - 1
-        self._hint(h, chunks, off, end, last, f.digest)
-        wanted = chunks[first : last + 1]
-        if len(wanted) == 1:
-            datas = [await self.chunk_cache.get(wanted[0], f.digest)]
-        else:
-            datas = await self._get_many(wanted, f.digest)
-        if len(datas) == 1:
-            start = off - offsets[first]
-            out = datas[0][start : start + (end - off)]
-        else:
-            parts = []
-            for i, data in enumerate(datas, first):
-                lo = max(off - offsets[i], 0)
-                hi = min(end - offsets[i], len(data))
-                parts.append(data[lo:hi] if lo or hi < len(data) else data)
-            out = b"".join(parts)
-        self.counters.bytes_read += len(out)
-        return out
-
-    async def _get_many(self, wanted: list[ChunkMeta], blob: B3Digest) -> list[bytes]:
-        """Several chunks, the missing ones fetched concurrently; the first failure is raised
-        (after the other fetches finish, so what they fetched is cached)."""
-        results: list[bytes] = [b""] * len(wanted)
-        errors: list[Exception] = []
-
-        async def one(i: int) -> None:
-            try:
-                results[i] = await self.chunk_cache.get(wanted[i], blob)
-            except Exception as e:
-                errors.append(e)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(wanted)):
-                nursery.start_soon(one, i)
-        if errors:
-            raise errors[0]
-        return results
-
-    def _hint(self, h: FileHandle, chunks: list[ChunkMeta], off: int, end: int, last: int, blob: B3Digest) -> None:
-        """Sequential reader: pass the next chunks to BlobService.prefetch (a non-blocking hint,
-        so it is called on the loop). The window doubles per sequential read up to
-        PREFETCH_MAX_CHUNKS and resets on a seek; a chunk is hinted once per handle.
-        Then read ahead: fetch the next READAHEAD_CHUNKS into the LRU in the background.
-        Both start only once the run is clearly sequential: it began at offset 0 or has
-        covered SEQUENTIAL_MIN_BYTES (so a lone read at a random offset fetches only its range)."""
-        if off != h.next_off:
-            h.run_from = off
-        if off == h.next_off and (h.run_from == 0 or end - h.run_from >= SEQUENTIAL_MIN_BYTES):
-            self._read_ahead(chunks, last, blob)
-            if h.hinted >= last:
-                h.window = min(h.window * 2, PREFETCH_MAX_CHUNKS)
-            upto = min(last + h.window, len(chunks) - 1)
-            start = max(last + 1, h.hinted + 1)
-            if start <= upto:
-                todo = [c.digest for c in chunks[start : upto + 1] if c.digest not in self.chunk_cache]
-                h.hinted = upto
-                if todo:
-                    self.counters.prefetch_hints += len(todo)
-                    self.store.blobs.prefetch(todo)
-        else:
-            h.window = PREFETCH_MIN_CHUNKS
-            h.hinted = last
-        h.next_off = end
-
-    def _read_ahead(self, chunks: list[ChunkMeta], last: int, blob: B3Digest) -> None:
-        if self._background is None:
-            return
-        for c in chunks[last + 1 : last + 1 + READAHEAD_CHUNKS]:
-            if self._readaheads >= max(1, self.offload.limit // 2):
-                return
-            if c.digest in self.chunk_cache or self.chunk_cache.fetching(c.digest):
-                continue
-            self._readaheads += 1
-            self.counters.readahead_chunks += 1
-            self._background.start_soon(self._read_ahead_one, c, blob)
-
-    async def _read_ahead_one(self, c: ChunkMeta, blob: B3Digest) -> None:
-        try:
-            await self.chunk_cache.get(c, blob)
-        except Exception as e:  # the reader that needs it will see (and log) the error
-            log.debug("read-ahead of chunk %s failed: %s", c.digest.hex(), e)
-        finally:
-            self._readaheads -= 1
+        return await self.readpath.read(h, off, size)
 
     # --- directories -----------------------------------------------------------------
 
@@ -493,66 +282,19 @@ class FsModel:
             await self._populate(d)
             assert d.children is not None
             for pos, child in enumerate(d.children[i : i + READDIR_BATCH], i):
-                key, make = _spec(child, node.ino)
+                key, make = node_spec(child, node.ino)
                 out.append(DirEntry(child.name, pos + 3, key=key, make=make))
             return out
         if h.listing is None or start == 0:
-            await self._snapshot(h)
+            await self.views.snapshot(h)
         assert h.listing is not None
         if d.role == "blobs":
-            await self._blob_sizes(h, i, i + READDIR_BATCH)
+            await self.views.sizes(h, i, i + READDIR_BATCH)
         for pos in range(i, min(i + READDIR_BATCH, len(h.listing))):
             name, key, make = h.listing[pos]
             if key:  # b"": a blob that vanished between listing and stat
                 out.append(DirEntry(name, pos + 3, key=key, make=make))
         return out
-
-    async def _snapshot(self, h: DirHandle) -> None:
-        """Take the listing of a virtual directory (blobs/, directories/, store/)."""
-        node = h.inode
-        d = node.data
-        assert isinstance(d, DirData)
-        if d.role == "directories":
-
-            def list_dirs() -> list[B3Digest]:
-                return sorted(self.store.directories.iter_digests())
-
-            listing: Listing = []
-            for dg in await self.offload.run(list_dirs):
-                name = dg.hex().encode()
-                listing.append((name, dir_key(node.ino, name), _dir_factory(node.ino, dg)))
-            h.listing = listing
-        elif d.role == "blobs":
-
-            def list_blobs() -> list[B3Digest]:
-                return sorted(self.store.blobs.iter_digests())
-
-            # keys are filled in batches by _blob_sizes (an entry needs its blob's size)
-            h.digests = await self.offload.run(list_blobs)
-            h.listing = [(dg.hex().encode(), b"", None) for dg in h.digests]
-        else:
-
-            def list_store() -> list[Node]:
-                nodes = (i.node for i in self.store.pathinfos.iter_all() if i.node is not None)
-                return sorted(nodes, key=lambda n: n.name)
-
-            h.listing = [(n.name, *_spec(n, node.ino)) for n in await self.offload.run(list_store)]
-
-    async def _blob_sizes(self, h: DirHandle, lo: int, hi: int) -> None:
-        assert h.listing is not None and h.digests is not None
-        listing, digests = h.listing, h.digests
-        todo = [i for i in range(lo, min(hi, len(listing))) if not listing[i][1] and listing[i][2] is None]
-        if not todo:
-            return
-
-        def sizes() -> list[int | None]:
-            return [self.store.blobs.size(digests[i]) for i in todo]
-
-        for i, size in zip(todo, await self.offload.run(sizes), strict=True):
-            if size is None:  # vanished: leave it out, mark it done
-                listing[i] = (listing[i][0], b"", _gone)
-            else:
-                listing[i] = (listing[i][0], file_key(digests[i], size, False), _file_factory(digests[i], size))
 
     def entry_attr(self, e: DirEntry) -> Attr:
         """The attributes of a readdir entry, interning its inode (count not yet taken)."""
@@ -583,7 +325,7 @@ class FsModel:
         elif isinstance(d, DirData) and d.digest is not None:
             names.append(XATTR_DIRECTORY)
         if ino == ROOT_INO:
-            names += [XATTR_STATS + k.encode() for k in await self.all_counters()]
+            names += [XATTR_STATS + k.encode() for k in self.all_counters()]
         return names
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -594,35 +336,20 @@ class FsModel:
         if name == XATTR_DIRECTORY and isinstance(d, DirData) and d.digest is not None:
             return d.digest.b3_base64().encode()
         if ino == ROOT_INO and name.startswith(XATTR_STATS):
-            value = (await self.all_counters()).get(name[len(XATTR_STATS) :].decode(errors="replace"))
+            value = self.all_counters().get(name[len(XATTR_STATS) :].decode(errors="replace"))
             if value is not None:
                 return str(value).encode()
         raise NoAttribute()
 
-    async def all_counters(self) -> dict[str, int]:
-        """The store's counters (if it keeps any) and the mount's own, as `mount.<name>`."""
-        out: dict[str, int] = {}
-        if self.store.counters is not None:
-            out.update(await self.offload.run(self.store.counters))
-        out.update({f"mount.{k}": v for k, v in self.counters.as_dict().items()})
+    def all_counters(self) -> dict[str, int]:
+        """The store's counters and the mount's own, as `mount.<name>` (cheap: no store call)."""
+        out = self.store.counters.snapshot()
+        out.update({f"mount.{k}": v for k, v in self.counters.snapshot().items()})
         out["mount.inodes"] = len(self.inodes)
-        out["mount.chunk_cache_bytes"] = self.chunk_cache.cached_bytes
+        out["mount.chunk_cache_bytes"] = self.readpath.buffer.cached_bytes
         return out
 
     # --- writes ----------------------------------------------------------------------
 
     def read_only(self) -> NoReturn:
         raise ReadOnly()
-
-
-def _dir_factory(parent: int, digest: B3Digest) -> Factory:
-    """directories/<hex>: size 0 (the listing does not fetch each Directory)."""
-    return lambda: DirData(parent, digest, "tree", 0)
-
-
-def _file_factory(digest: B3Digest, size: int) -> Factory:
-    return lambda: FileData(digest, size, False)
-
-
-def _gone() -> FileData:
-    raise AssertionError("a vanished blob is never interned")

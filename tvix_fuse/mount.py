@@ -1,31 +1,22 @@
 """The mount's lifecycle, in one place: checks, FUSE options, `pyfuse3.init`, the trio loop,
-signals, readiness, unmount; and `tvix-store mount` (foreground or background).
+signals, readiness, unmount.
 
-- `run_foreground(store, mountpoint, …)`: mount, call `on_ready()` once the mount answers,
-  serve in the MAIN thread until unmounted (umount / fusermount3 -u) or SIGINT/SIGTERM
-  (which call `pyfuse3.terminate()`), then unmount. SIGUSR1 logs all counters in one line.
-  `tvix-store daemon --mount` calls this.
-- `cli_mount(args)`: `--foreground` runs the above; otherwise it re-executes itself with
-  `--foreground` as a detached child (new session, cwd /, stdin/stdout on /dev/null) and returns
-  only once the mount answers. Until then the child's stderr is a pipe to the parent, which
-  relays it (so a failure is the child's one error line); when ready, the child moves its
-  stderr to the mount log (`$XDG_STATE_HOME/tvix-store/mount.log`), which closes the pipe.
+`run_foreground(store, mountpoint, …)`: mount, call `on_ready()` once the mount answers,
+serve in the MAIN thread until unmounted (umount / fusermount3 -u) or SIGINT/SIGTERM
+(which call `pyfuse3.terminate()`), then unmount. SIGUSR1 logs all counters in one line.
+`tvix-store mount` and `tvix-store daemon --mount` (`tvix_store.cli`) call this.
 
 The filesystem itself is `tvix_fuse.model` (behind `tvix_fuse.ops`). Errors here are
-`tvix_store.errors.StoreError` with a message fit for one CLI line.
+`tvix_store.core.errors.StoreError` with a message fit for one CLI line. Not the command
+line (background mode, argument handling: `tvix_store.cli.mount`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import select
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -34,8 +25,8 @@ import trio
 
 from tvix_fuse.model import FsModel
 from tvix_fuse.ops import Operations
-from tvix_store.errors import StoreError
-from tvix_store.store import Store, default_store_dir
+from tvix_store.core.errors import StoreError
+from tvix_store.store import Store
 
 log = logging.getLogger("tvix_fuse")
 
@@ -50,11 +41,7 @@ REMOTE_READ_AHEAD_KB = 256
 
 def read_ahead_kb_for(store: Store) -> int:
     """The read-ahead for a store (pure): small when data comes over the network."""
-    return REMOTE_READ_AHEAD_KB if store.url.startswith("grpc+") else READ_AHEAD_KB
-
-
-READY_TIMEOUT = 60.0
-_LOG_ENV = "_TVIX_MOUNT_LOG"  # set by the background parent for its child
+    return REMOTE_READ_AHEAD_KB if store.is_remote else READ_AHEAD_KB
 
 
 def fuse_options(*, allow_other: bool = False) -> set[str]:
@@ -185,7 +172,7 @@ async def _serve(model: FsModel, mp: str, on_ready: Callable[[], None] | None, s
 async def _watch_signals(signals: AsyncIterator[int], model: FsModel) -> None:
     async for signum in signals:
         if signum == signal.SIGUSR1:
-            counters = await model.all_counters()
+            counters = model.all_counters()
             log.info("counters: %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items())))
             continue
         log.info("%s: unmounting", signal.Signals(signum).name)
@@ -204,114 +191,3 @@ async def _announce_ready(mp: str, on_ready: Callable[[], None] | None, read_ahe
     log.debug("mount at %s answers", mp)
     if on_ready is not None:
         on_ready()
-
-
-# --- tvix-store mount ------------------------------------------------------------------
-
-
-def cli_mount(args: argparse.Namespace) -> int:
-    """`tvix-store mount`: see the module docstring."""
-    mp = check_mountpoint(args.mountpoint)
-    check_fuse()
-    if not args.foreground:
-        return _background(args, mp)
-    from tvix_store.cli import open_store_from_args
-
-    detach_to = os.environ.pop(_LOG_ENV, None)
-    store = open_store_from_args(args)
-    with store:
-
-        def ready() -> None:
-            if detach_to is not None:
-                _detach_stderr(detach_to)
-            log.info("mounted %s at %s", store.url or "store", mp)
-
-        run_foreground(store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready)
-    return 0
-
-
-def _log_path() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    d = os.path.join(base, "tvix-store")
-    try:
-        os.makedirs(d, exist_ok=True)
-    except OSError:
-        return os.devnull
-    return os.path.join(d, "mount.log")
-
-
-def _detach_stderr(path: str) -> None:
-    """Point fd 2 at the mount log (closing the pipe the background parent waits on)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except OSError:
-        fd = os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _child_argv(args: argparse.Namespace, mp: str) -> list[str]:
-    argv = [sys.executable, "-m", "tvix_store.cli", "--log-level", args.log_level, "mount", "--foreground"]
-    # the child runs in / (so it keeps no directory busy): make the default store explicit
-    argv += ["--store", args.store or f"local://{default_store_dir().absolute()}"]
-    argv += ["--timeout", repr(args.timeout)]
-    if getattr(args, "cache_dir", None):
-        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
-    if getattr(args, "cache_size", None):
-        argv += ["--cache-size", str(args.cache_size)]
-    if args.store_root:
-        argv.append("--store-root")
-    if args.allow_other:
-        argv.append("--allow-other")
-    return [*argv, mp]
-
-
-def _background(args: argparse.Namespace, mp: str) -> int:
-    env = dict(os.environ)
-    env[_LOG_ENV] = _log_path()
-    proc = subprocess.Popen(
-        _child_argv(args, mp),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        cwd="/",
-        env=env,
-    )
-    assert proc.stderr is not None
-    out = bytearray()
-    deadline = time.monotonic() + READY_TIMEOUT
-    fd = proc.stderr.fileno()
-    eof = False
-    while not eof:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        r, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if r:
-            chunk = os.read(fd, 65536)
-            eof = not chunk
-            out += chunk
-    proc.stderr.close()
-    if eof and proc.poll() is None and os.path.ismount(mp):
-        sys.stderr.write(out.decode(errors="replace"))
-        return 0  # ready: the child serves on, detached
-    if not eof or proc.poll() is None:
-        try:  # stuck or half-up: end it and leave nothing mounted
-            proc.wait(timeout=10 if eof else 0.01)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
-    lines = out.decode(errors="replace").splitlines()
-    errors = [ln for ln in lines if ln.startswith("tvix-store: ")]
-    for ln in lines:
-        if ln not in errors:
-            print(ln, file=sys.stderr)
-    if errors:
-        raise StoreError(errors[-1].split(": ", 2)[-1])
-    if not eof:
-        raise StoreError(f"the mount at {mp} did not answer within {READY_TIMEOUT:.0f} s")
-    raise StoreError(f"the mount process exited with status {proc.returncode}")

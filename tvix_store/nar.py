@@ -2,9 +2,11 @@
 
 Every string is a little-endian u64 length, the bytes, zero padding to 8. Entries of a
 directory come in bytewise name order. File contents are streamed chunk by chunk from
-the BlobService (with a prefetch hint a few chunks ahead, for caching remote backends),
-so memory stays bounded for any blob size. The grammar's pieces are public for
-`tvix_store.importer`, which hashes the same bytes from the filesystem. Not a NAR parser.
+the BlobService, with prefetch hints from the one read-ahead policy (`tvix_store.readahead`),
+so memory stays bounded for any blob size and a caching remote fetches ahead. Directories
+are walked with an explicit stack (no recursion limit on depth). The grammar's pieces are
+public for `tvix_store.importer`, which hashes the same bytes from the filesystem. Not a
+NAR parser.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import struct
 from collections.abc import Iterator
 
 from tvix_store.blobservice import BlobService
-from tvix_store.castore import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_store.core.castore import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_store.core.errors import IntegrityError, NotFoundError
 from tvix_store.directoryservice import DirectoryService
-from tvix_store.errors import IntegrityError, NotFoundError
+from tvix_store.readahead import ReadAhead
 
 
 def _str(s: bytes) -> bytes:
@@ -63,41 +66,56 @@ def entry_open(name: bytes) -> bytes:
 def render(node: Node, blobs: BlobService, directories: DirectoryService) -> Iterator[bytes]:
     """Yield the NAR of `node` in pieces. Raises NotFoundError for a missing blob/Directory."""
     yield MAGIC
-    yield from _node(node, blobs, directories)
+    stack: list[Iterator[Node]] = []  # the entries still to render of each open directory
+    pending: Node | None = node
+    while True:
+        if pending is not None:
+            if isinstance(pending, DirectoryNode):
+                d = directories.get(pending.digest)
+                if d is None:
+                    raise NotFoundError(f"directory {pending.digest.hex()} not found")
+                yield DIRECTORY_OPEN
+                stack.append(iter(d.nodes()))
+            else:
+                yield from _leaf(pending, blobs)
+                if stack:
+                    yield ENTRY_CLOSE
+            pending = None
+        if not stack:
+            return
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            yield DIRECTORY_CLOSE
+            if stack:
+                yield ENTRY_CLOSE
+            continue
+        yield entry_open(child.name)
+        pending = child
 
 
-def _node(node: Node, blobs: BlobService, directories: DirectoryService) -> Iterator[bytes]:
+def _leaf(node: Node, blobs: BlobService) -> Iterator[bytes]:
     if isinstance(node, SymlinkNode):
         yield symlink(node.target)
     elif isinstance(node, FileNode):
         yield regular_header(node.executable, node.size)
         yield from _contents(node, blobs)
         yield regular_trailer(node.size)
-    elif isinstance(node, DirectoryNode):
-        d = directories.get(node.digest)
-        if d is None:
-            raise NotFoundError(f"directory {node.digest.hex()} not found")
-        yield DIRECTORY_OPEN
-        for child in d.nodes():
-            yield entry_open(child.name)
-            yield from _node(child, blobs, directories)
-            yield ENTRY_CLOSE
-        yield DIRECTORY_CLOSE
     else:  # pragma: no cover - Node is a closed union
         raise TypeError(f"not a node: {node!r}")
-
-
-_PREFETCH = 4  # chunks: every 4 chunks read, hint the next 8
 
 
 def _contents(node: FileNode, blobs: BlobService) -> Iterator[bytes]:
     chunks = blobs.chunks(node.digest)
     if chunks is None:
         raise NotFoundError(f"blob {node.digest.hex()} not found")
+    ahead = ReadAhead(chunks) if len(chunks) > 1 else None
     total = 0
-    for i, c in enumerate(chunks):
-        if i % _PREFETCH == 0 and len(chunks) > 1:  # a hint for caching backends; free for the others
-            blobs.prefetch([x.digest for x in chunks[i + 1 : i + 1 + 2 * _PREFETCH]])
+    for c in chunks:
+        if ahead is not None:  # a hint for caching backends; free for the others
+            a = ahead.after(total, total + c.size)
+            if a:
+                blobs.prefetch([x.digest for x in chunks[a.start : a.stop]])
         data = blobs.read_chunk(c.digest)
         if data is None:
             raise NotFoundError(f"chunk {c.digest.hex()} of blob {node.digest.hex()} not found")

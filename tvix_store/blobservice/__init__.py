@@ -1,7 +1,8 @@
 """The BlobService interface: blobs (file contents) and their content-defined chunks.
 
-Backends are sibling modules (`memory`, `local`, `grpc`, `cached`); `tvix_store.store.open_store`
-builds them from a URL. Every backend must pass `tests/test_contract.py`.
+Backends are sibling modules: `memory`, `objects` (over any `ObjectStore`: the embedded store,
+a cache's near side), `grpc` (client of a remote), `cached` (a combinator of two services).
+`tvix_store.compose` builds them from URLs. Every backend passes `tests/test_contract.py`.
 
 Contract (all backends):
 - A blob and a chunk are both addressed by the BLAKE3-256 of their bytes. Every chunk
@@ -13,6 +14,7 @@ Contract (all backends):
   mismatch raises `IntegrityError` and no byte of the bad chunk is returned.
 - A writer makes its blob visible only on `close()`, complete and with the digest it
   returns; an aborted writer (exception, `abort()`) stores nothing visible.
+- `capabilities` declares what callers may rely on (`tvix_store.core.capabilities`).
 - Methods are blocking and thread-safe; async callers (FUSE) run them in threads.
 """
 
@@ -21,19 +23,16 @@ from __future__ import annotations
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
-from tvix_store.digest import B3Digest
+import blake3
 
-
-@dataclass(frozen=True, slots=True)
-class ChunkMeta:
-    """One chunk of a blob: its digest and length."""
-
-    digest: B3Digest
-    size: int
+from tvix_store.core.capabilities import LOCAL, Capabilities
+from tvix_store.core.chunks import ChunkMeta, chunk_offsets
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError
+from tvix_store.readahead import ReadAhead
 
 
 class BlobWriter(ABC):
@@ -68,6 +67,8 @@ class BlobWriter(ABC):
 class BlobService(ABC):
     """Store and retrieve blobs by BLAKE3 digest. See the module docstring for the contract."""
 
+    capabilities: Capabilities = LOCAL
+
     @abstractmethod
     def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         """The blob's chunks in order, or None if the store does not have it."""
@@ -95,13 +96,27 @@ class BlobService(ABC):
         cs = self.chunks(digest)
         if cs is None:
             return None
-        return ChunkedReader(self, cs)
+        return ChunkedReader(self, cs, digest)
 
     def put(self, data: bytes) -> B3Digest:
         """Store `data` as one blob; returns its digest."""
         with self.open_write() as w:
             w.write(data)
         return w.close()
+
+    def put_chunk(self, digest: B3Digest, data: bytes, *, verified: bool = False) -> bool:
+        """Keep one chunk fetched elsewhere (`capabilities.accepts_chunks`); `data` must hash to
+        `digest` (checked here unless `verified` says the caller did). True if newly stored."""
+        raise StoreError(f"{type(self).__name__} does not take chunks fetched elsewhere")
+
+    def put_chunk_list(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        """Keep the chunk list of a blob fetched elsewhere (`capabilities.accepts_chunks`); its
+        chunks need not be present (a cache fetches them lazily)."""
+        raise StoreError(f"{type(self).__name__} does not take chunk lists fetched elsewhere")
+
+    def delete(self, digest: B3Digest) -> None:
+        """Forget a blob (its chunk list, or the chunk itself); chunks shared by others stay."""
+        raise StoreError(f"{type(self).__name__} cannot delete")
 
     def prefetch(self, digests: list[B3Digest]) -> None:
         """Hint: these chunks will be read soon. Backends with a cache may start fetching them
@@ -112,6 +127,10 @@ class BlobService(ABC):
         Unlike `prefetch`, only backends for which acting is free of network traffic act on
         it (local disk read-ahead); must not block. Default: ignore."""
 
+    def available(self) -> bool:
+        """False while the backend is known to be unreachable (a remote that is down)."""
+        return True
+
     def iter_digests(self) -> Iterator[B3Digest]:
         """The blobs this backend can enumerate cheaply (may be none, e.g. a remote)."""
         return iter(())
@@ -121,23 +140,29 @@ class BlobService(ABC):
 
 
 class ChunkedReader(io.RawIOBase):
-    """A seekable, read-only stream over a blob, reading chunk by chunk via `read_chunk`.
+    """A seekable, read-only stream over a blob, chunk by chunk via `read_chunk`.
 
-    Keeps one decoded chunk; a read never spans more than one chunk fetch per chunk.
+    Keeps one decoded chunk. A `read(n)` asks the service to prefetch every further chunk it
+    covers, and the chunks the read-ahead policy (`tvix_store.readahead`) names while reads
+    are sequential. With `verify_whole`, a blob read in order from its start to its end is
+    hashed as it goes, and a mismatch with `digest` (a chunk list that lies) raises
+    IntegrityError before the last chunk's bytes are returned; the reader then stays failed.
     """
 
-    def __init__(self, service: BlobService, chunks: list[ChunkMeta]) -> None:
+    def __init__(
+        self, service: BlobService, chunks: list[ChunkMeta], digest: B3Digest, *, verify_whole: bool = False
+    ) -> None:
         super().__init__()
         self._svc = service
         self._chunks = chunks
-        self._offsets: list[int] = []
-        off = 0
-        for c in chunks:
-            self._offsets.append(off)
-            off += c.size
-        self._size = off
+        self._digest = digest
+        self._offsets, self._size = chunk_offsets(chunks)
+        self._ahead = ReadAhead(chunks, offsets=self._offsets)
         self._pos = 0
         self._cur: tuple[int, bytes] | None = None
+        self._last = -1  # index of the last chunk loaded
+        self._hasher: blake3.blake3 | None = blake3.blake3() if verify_whole else None
+        self._failed: IntegrityError | None = None
 
     @property
     def size(self) -> int:
@@ -161,27 +186,35 @@ class ChunkedReader(io.RawIOBase):
         return pos
 
     def _chunk_at(self, idx: int) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         if self._cur is not None and self._cur[0] == idx:
             return self._cur[1]
         meta = self._chunks[idx]
         data = self._svc.read_chunk(meta.digest)
         if data is None:
-            from tvix_store.errors import NotFoundError
-
-            raise NotFoundError(f"chunk {meta.digest.hex()} is missing")
+            raise NotFoundError(f"chunk {meta.digest.hex()} of blob {self._digest.hex()} is missing")
         if len(data) != meta.size:
-            from tvix_store.errors import IntegrityError
-
             raise IntegrityError(f"chunk {meta.digest.hex()} has {len(data)} bytes, chunk list says {meta.size}")
+        if self._hasher is not None:
+            if idx == self._last + 1:
+                self._hasher.update(data)
+                if idx == len(self._chunks) - 1 and self._hasher.digest() != self._digest:
+                    self._hasher = None
+                    self._failed = IntegrityError(
+                        f"chunks of blob {self._digest.hex()} do not add up to the blob: its chunk list is wrong"
+                    )
+                    raise self._failed
+            else:
+                self._hasher = None  # not read in order: the whole cannot be checked
+        self._last = idx
         self._cur = (idx, data)
         return data
 
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
-        import bisect
-
         if self._pos >= self._size or not len(buf):
             return 0
-        idx = bisect.bisect_right(self._offsets, self._pos) - 1
+        idx = self._ahead.index(self._pos)
         data = self._chunk_at(idx)
         start = self._pos - self._offsets[idx]
         n = min(len(buf), len(data) - start)
@@ -190,8 +223,18 @@ class ChunkedReader(io.RawIOBase):
         return n
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if self._failed is not None:
+            raise self._failed
         if size is None or size < 0:
             size = self._size - self._pos
+        end = min(self._pos + size, self._size)
+        if end > self._pos:
+            first = self._ahead.index(self._pos)
+            covered = self._ahead.index(end - 1)
+            ahead = self._ahead.after(self._pos, end)
+            stop = max(covered + 1, ahead.stop)
+            if stop > first + 1:  # the chunks after the one read right away
+                self._svc.prefetch([c.digest for c in self._chunks[first + 1 : stop]])
         out = bytearray()
         while len(out) < size and self._pos < self._size:
             b = bytearray(min(size - len(out), 1 << 20))

@@ -1,6 +1,6 @@
 """The DirectoryService interface: Directory messages of the Merkle DAG, by digest.
 
-Backends are sibling modules (`memory`, `local`, `grpc`, `cached`). Contract:
+Backends are sibling modules (`memory`, `objects`, `grpc`, `cached`). Contract:
 - `get(d)` is None when absent; a stored Directory always hashes to its digest
   (backends that read from disk or a network check it, raising IntegrityError).
 - `put(dir)` validates the Directory and requires every child Directory to be stored
@@ -11,6 +11,7 @@ Backends are sibling modules (`memory`, `local`, `grpc`, `cached`). Contract:
 - `get_recursive(d)` yields the closure breadth-first, each Directory once, each after
   one that references it; it yields nothing if `d` is absent, and raises NotFoundError
   if a referenced child is missing.
+- `capabilities` declares what callers may rely on (`tvix_store.core.capabilities`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from tvix_store.castore import Directory
-from tvix_store.digest import B3Digest
-from tvix_store.errors import NotFoundError, ValidationError
+from tvix_store.core.capabilities import LOCAL, Capabilities
+from tvix_store.core.castore import Directory
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import NotFoundError, StoreError, ValidationError
 
 KnownSize = Callable[[B3Digest], int | None]
 
 
 class DirectoryService(ABC):
+    capabilities: Capabilities = LOCAL
+
     @abstractmethod
     def get(self, digest: B3Digest) -> Directory | None:
         """The Directory with this digest, or None."""
@@ -71,6 +75,19 @@ class DirectoryService(ABC):
                 if c is None:
                     raise NotFoundError(f"directory {child.digest.hex()} (referenced by {d.digest.hex()}) is missing")
                 queue.append(c)
+
+    def keep(self, directory: Directory) -> None:
+        """Keep a Directory fetched and verified elsewhere, without asking for its children
+        (a cache's near side holds parts of closures)."""
+        self._store(directory)
+
+    def delete(self, digest: B3Digest) -> None:
+        """Forget one Directory (whoever references it is not checked)."""
+        raise StoreError(f"{type(self).__name__} cannot delete")
+
+    def available(self) -> bool:
+        """False while the backend is known to be unreachable (a remote that is down)."""
+        return True
 
     def iter_digests(self) -> Iterator[B3Digest]:
         """The Directories this backend can enumerate cheaply (may be none)."""

@@ -1,76 +1,64 @@
-"""`CachedDirectoryService(near, far)`: Directories fetched once are kept in the cache directory.
+"""`CachedDirectoryService(near, far)`: Directories fetched from `far` once are kept in `near`.
 
-Policy:
-- Local first: `get` answers from the cache directory when it can; a cached file is decoded,
-  validated and re-hashed on every read (a corrupt file is discarded and fetched again).
-- Only verified data enters the cache: a Directory from the remote must hash to the digest it
-  was asked for (for `get_recursive`: to the root, or to a digest referenced by a Directory
-  already received); otherwise IntegrityError, logged with the digest, nothing cached.
-- No negative cache; the remote is never written by reads. `put_graph` writes through to the
-  remote and caches the graph only once the remote accepted it.
-- Directories are small and not counted against `--cache-size` (which bounds chunk bytes).
-- Every remote call goes through the shared `CircuitBreaker` (fail fast while it is down).
+Policy (docs/cache.md):
+- Local first: `get` answers from `near` when it can; `near` re-verifies what it reads, and an
+  entry that fails is discarded (`near.delete`, `cache_corrupt`) and fetched again.
+- Only verified data enters `near`: a Directory from `far` must hash to the digest it was
+  asked for (for `get_recursive`: to the root, or to a digest referenced by a Directory
+  already received); otherwise IntegrityError, logged, nothing kept.
+- No negative cache; `far` is never written by reads. `put_graph` writes through to `far` and
+  keeps the graph only once `far` accepted it.
+- `near` keeps what it is given without asking for the children (`keep`): a cache holds parts
+  of a closure.
 
-Not here: chunk data (`tvix_store.blobservice.cached`), the layout (`tvix_store.cachedir`).
+Not here: chunk data (`blobservice.cached`), the bound (the object layer).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterable, Iterator
 
-from google.protobuf.message import DecodeError
-
-from tvix_store.breaker import CircuitBreaker, guarded_call
-from tvix_store.cachedir import CacheDir, CacheStats
-from tvix_store.castore import Directory
-from tvix_store.digest import B3Digest
+from tvix_store.blobservice.cached import far_call
+from tvix_store.core.capabilities import Capabilities
+from tvix_store.core.castore import Directory
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError
 from tvix_store.directoryservice import DirectoryService
-from tvix_store.errors import IntegrityError, NotFoundError, ValidationError
-from tvix_store.proto import castore_pb2
-from tvix_store.wire import directory_from_proto
+from tvix_store.util.counters import Counters
 
 log = logging.getLogger("tvix_store.cache")
 
-T = TypeVar("T")
-
 
 class CachedDirectoryService(DirectoryService):
-    def __init__(
-        self, near: CacheDir, far: DirectoryService, *, breaker: CircuitBreaker, stats: CacheStats | None = None
-    ) -> None:
-        self._near = near
-        self._far = far
-        self._breaker = breaker
-        self.stats = stats or CacheStats()
-
-    def _remote(self, fn: Callable[..., T], *args: object) -> T:
-        """Call the remote through the breaker (see `tvix_store.breaker.guarded_call`)."""
-        return guarded_call(self._breaker, self.stats, "directory", fn, *args)
+    def __init__(self, near: DirectoryService, far: DirectoryService, *, counters: Counters | None = None) -> None:
+        self.near = near
+        self.far = far
+        self.capabilities = Capabilities(is_remote=far.capabilities.is_remote, can_list=False)
+        self.counters = counters if counters is not None else Counters()
+        self.counters.declare(("meta_hits", "meta_fetched", "cache_corrupt", "verify_failures"))
 
     def _cached(self, digest: B3Digest) -> Directory | None:
-        name = digest.hex()
-        raw = self._near.get("directories", name)
-        if raw is None:
-            return None
         try:
-            d = directory_from_proto(castore_pb2.Directory.FromString(raw))
-            if d.digest != digest:
-                raise IntegrityError(f"hashes to {d.digest.hex()}")
-        except (DecodeError, ValidationError, IntegrityError) as e:
-            log.error("cached directory %s is corrupt, discarded: %s", name, e)
-            self.stats.add("cache_corrupt")
-            self._near.discard("directories", name)
+            d = self.near.get(digest)
+        except IntegrityError as e:
+            log.error("cached directory %s is corrupt, discarded: %s", digest.hex(), e)
+            self.counters.add("cache_corrupt")
+            self.near.delete(digest)
             return None
-        self.stats.add("meta_hits")
+        if d is not None:
+            self.counters.add("meta_hits")
         return d
 
-    def _insert(self, d: Directory) -> None:
-        self._near.put("directories", d.digest.hex(), d.encoded)
+    def _keep(self, d: Directory) -> None:
+        self.counters.add("meta_fetched")
+        try:
+            self.near.keep(d)
+        except (StoreError, OSError) as e:
+            log.warning("cannot cache directory %s: %s", d.digest.hex(), e)
 
     def _reject(self, requested: str, d: Directory) -> IntegrityError:
-        self.stats.add("verify_failures")
+        self.counters.add("verify_failures")
         log.error("remote sent directory %s when asked for %s: rejected", d.digest.hex(), requested)
         return IntegrityError(f"remote sent directory {d.digest.hex()} when asked for {requested}")
 
@@ -78,22 +66,21 @@ class CachedDirectoryService(DirectoryService):
         d = self._cached(digest)
         if d is not None:
             return d
-        d = self._remote(self._far.get, digest)
+        d = far_call(self.counters, "directory", self.far.get, digest)
         if d is None:
             return None
         if d.digest != digest:
             raise self._reject(digest.hex(), d)
-        self.stats.add("meta_fetched")
-        self._insert(d)
+        self._keep(d)
         return d
 
     def get_recursive(self, digest: B3Digest) -> Iterator[Directory]:
-        """From the cache when the whole closure is there, else in one remote call (verified)."""
+        """From `near` when the whole closure is there, else in one call to `far` (verified)."""
         local = self._cached_closure(digest)
         if local is not None:
             yield from local
             return
-        received = self._remote(lambda: list(self._far.get_recursive(digest)))
+        received = far_call(self.counters, "directory", lambda: list(self.far.get_recursive(digest)))
         expected = {digest}
         seen: set[B3Digest] = set()
         for d in received:
@@ -108,8 +95,7 @@ class CachedDirectoryService(DirectoryService):
                 f"directory {missing.hex()} (in the closure of {digest.hex()}) is missing on the remote"
             )
         for d in received:
-            self.stats.add("meta_fetched")
-            self._insert(d)
+            self._keep(d)
         yield from received
 
     def _cached_closure(self, digest: B3Digest) -> list[Directory] | None:
@@ -131,22 +117,23 @@ class CachedDirectoryService(DirectoryService):
         return out
 
     def put_graph(self, directories: Iterable[Directory]) -> B3Digest:
-        """Write-through: the remote validates and stores; then the graph is cached too."""
+        """Write-through: `far` validates and stores; then the graph is kept in `near` too."""
         graph = list(directories)
-        root = self._remote(self._far.put_graph, graph)
+        root = far_call(self.counters, "directory", self.far.put_graph, graph)
         for d in graph:
-            self._insert(d)
+            self._keep(d)
         return root
 
     def _store(self, directory: Directory) -> None:
-        self._insert(directory)
+        self.put_graph([directory])
+
+    def available(self) -> bool:
+        return self.far.available()
 
     def iter_digests(self) -> Iterator[B3Digest]:
-        """The cached Directories (the remote's listing is not asked)."""
-        out = []
-        for name in self._near.names("directories"):
-            try:
-                out.append(B3Digest.from_hex(name))
-            except ValueError:
-                continue
-        return iter(out)
+        """The Directories `near` holds (`far`'s listing is not asked)."""
+        return self.near.iter_digests()
+
+    def close(self) -> None:
+        self.near.close()
+        self.far.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from tvix_store.castore import Directory
-from tvix_store.digest import B3Digest
+from tvix_store.core.castore import Directory
+from tvix_store.core.digest import B3Digest
 from tvix_store.directoryservice import DirectoryService
 
 
@@ -21,6 +21,10 @@ class MemoryDirectoryService(DirectoryService):
     def _store(self, directory: Directory) -> None:
         with self._lock:
             self._dirs.setdefault(directory.digest, directory)
+
+    def delete(self, digest: B3Digest) -> None:
+        with self._lock:
+            self._dirs.pop(digest, None)
 
     def iter_digests(self) -> Iterator[B3Digest]:
         with self._lock:

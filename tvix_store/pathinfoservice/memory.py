@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 from tvix_store import nar
 from tvix_store.blobservice import BlobService
-from tvix_store.castore import Node
+from tvix_store.core.castore import Node
+from tvix_store.core.pathinfo import PathInfo
 from tvix_store.directoryservice import DirectoryService
-from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice import PathInfoService, check_output_hash
 
 
@@ -29,6 +29,11 @@ class MemoryPathInfoService(PathInfoService):
         with self._lock:
             self._infos[sp.digest] = info
         return info
+
+    def delete(self, output_hash: bytes) -> None:
+        check_output_hash(output_hash)
+        with self._lock:
+            self._infos.pop(output_hash, None)
 
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         return nar.calculate(node, self._blobs, self._dirs)

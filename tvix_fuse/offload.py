@@ -1,0 +1,38 @@
+"""`Offloader`: the one way the mount calls the (blocking) store.
+
+`trio.to_thread.run_sync` under ONE shared `trio.CapacityLimiter`, so the trio loop never
+blocks and at most `limit` store calls run at once. No pyfuse3, no filesystem logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from tvix_store.util.counters import Counters
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = 16
+
+
+class Offloader:
+    """Runs blocking store calls in worker threads under one shared CapacityLimiter."""
+
+    def __init__(self, limit: int = DEFAULT_THREADS, counters: Counters | None = None) -> None:
+        self.limit = limit
+        self._limiter: trio.CapacityLimiter | None = None
+        self.counters = counters if counters is not None else Counters()
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        # created lazily: a CapacityLimiter belongs to the trio run that first uses it
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.limit)
+        return self._limiter
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        self.counters.add("store_calls")
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

@@ -1,0 +1,224 @@
+"""BlobService client of a remote `tvix.store.v1` BlobService (`grpc+http://…`, `grpc+unix://…`).
+
+Works against this project's daemon and any tvix-store of the protocol's revision. Every call
+goes through the store's shared `tvix_store.remote.channel.Remote` (breaker, deadlines, idle
+watchdog, error map). Everything received is verified: chunk bytes against their BLAKE3
+digest, the digest a Put returns against the locally computed one (IntegrityError otherwise).
+
+Chunks: `chunks(d)` asks Stat with include_chunks. A tvix-store without finer chunking may
+answer an empty list for a non-empty blob; the blob is then treated as its own single chunk,
+and its size (which Stat does not carry) is learned by streaming the blob once through a
+hasher (verifying it, holding none of it) and remembered in a bounded in-memory map.
+Thread-safe; `read_chunk` may be called from many threads at once (each call is its own
+stream on the shared channel). Not a cache (`blobservice.cached` is).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import blake3
+import grpc
+
+from tvix_store.blobservice import BlobService, BlobWriter
+from tvix_store.core.capabilities import REMOTE
+from tvix_store.core.chunks import ChunkMeta
+from tvix_store.core.digest import EMPTY_DIGEST, B3Digest
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, ValidationError
+from tvix_store.protocol import wire
+from tvix_store.protocol.g1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
+from tvix_store.remote.channel import Remote
+
+#: Largest BlobChunk message a writer sends.
+PUT_MESSAGE_SIZE = 1 << 20
+#: Messages a blob writer buffers ahead of the network (so at most ~8 MiB in flight).
+PUT_QUEUE_DEPTH = 8
+_SIZE_CACHE_ENTRIES = 4096
+
+
+class GrpcBlobService(BlobService):
+    """BlobService over a remote BlobService (see module docstring)."""
+
+    capabilities = REMOTE
+
+    def __init__(self, remote: Remote) -> None:
+        self._r = remote
+        self._stub = rpc_blobstore_pb2_grpc.BlobServiceStub(remote.channel)
+        self._sizes: OrderedDict[B3Digest, int] = OrderedDict()
+        self._sizes_lock = threading.Lock()
+
+    def has(self, digest: B3Digest) -> bool:
+        req = rpc_blobstore_pb2.StatBlobRequest(digest=bytes(digest))
+        return self._r.unary(self._stub.Stat, req, f"Stat {digest.hex()}") is not None
+
+    def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        req = rpc_blobstore_pb2.StatBlobRequest(digest=bytes(digest), include_chunks=True)
+        meta = self._r.unary(self._stub.Stat, req, f"Stat {digest.hex()}")
+        if meta is None:
+            return None
+        try:
+            chunks = wire.chunks_from_proto(meta)
+        except ValidationError as e:
+            raise IntegrityError(f"remote store {self._r.name} sent a bad chunk list for {digest.hex()}: {e}") from None
+        if chunks or digest == EMPTY_DIGEST:
+            return chunks
+        # A remote without finer chunking: the blob is its own only chunk, of a size Stat does not say.
+        size = self._blob_size(digest)
+        return None if size is None else [ChunkMeta(digest, size)]
+
+    def _blob_size(self, digest: B3Digest) -> int | None:
+        with self._sizes_lock:
+            if (size := self._sizes.get(digest)) is not None:
+                self._sizes.move_to_end(digest)
+                return size
+        size = 0
+        h = blake3.blake3()
+        try:
+            for msg in self._read_stream(digest):
+                size += len(msg.data)
+                h.update(msg.data)
+        except NotFoundError:
+            return None
+        if h.digest() != digest:
+            raise IntegrityError(f"blob {digest.hex()} from {self._r.name} does not hash to its digest")
+        with self._sizes_lock:
+            self._sizes[digest] = size
+            while len(self._sizes) > _SIZE_CACHE_ENTRIES:
+                self._sizes.popitem(last=False)
+        return size
+
+    def _read_stream(self, digest: B3Digest) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+        req = rpc_blobstore_pb2.ReadBlobRequest(digest=bytes(digest))
+        return self._r.server_stream(self._stub.Read, req, f"Read {digest.hex()}")
+
+    def read_chunk(self, digest: B3Digest) -> bytes | None:
+        parts: list[bytes] = []
+        h = blake3.blake3()
+        try:
+            for msg in self._read_stream(digest):
+                parts.append(msg.data)
+                h.update(msg.data)
+        except NotFoundError:
+            if parts:
+                raise StoreError(f"remote store {self._r.name} lost blob {digest.hex()} while sending it") from None
+            return None
+        if h.digest() != digest:
+            raise IntegrityError(f"chunk {digest.hex()} from {self._r.name} does not hash to its digest")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def open_write(self) -> BlobWriter:
+        return _GrpcBlobWriter(self._r, self._stub)
+
+    def available(self) -> bool:
+        return not self._r.is_down
+
+    def close(self) -> None:
+        self._r.close()
+
+
+_END = object()
+_ABORT = object()
+
+
+class _GrpcBlobWriter(BlobWriter):
+    """Streams a Put from a bounded queue: the caller's `write` enqueues ≤ 1 MiB messages, gRPC's
+    request-consumer thread sends them, so at most PUT_QUEUE_DEPTH messages sit in memory."""
+
+    def __init__(self, remote: Remote, stub: rpc_blobstore_pb2_grpc.BlobServiceStub) -> None:
+        remote.check()
+        self._r = remote
+        self._q: queue.Queue[object] = queue.Queue(maxsize=PUT_QUEUE_DEPTH)
+        self._hasher = blake3.blake3()
+        self._digest: B3Digest | None = None
+        self._done = False  # closed, aborted or failed
+        self._closing = False
+        self._wanting = False  # the sender waits for the caller to write more: not a stall
+        self._watch = remote.watchdog.watch(idle_ok=lambda: self._wanting and not self._closing)
+        self._future = stub.Put.future(self._requests())
+        self._watch.call = self._future
+
+    def _requests(self) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+        while True:
+            self._wanting = True
+            item = self._q.get()
+            self._wanting = False
+            self._watch.touch()
+            if item is _END or item is _ABORT:
+                return
+            assert isinstance(item, bytes)
+            yield rpc_blobstore_pb2.BlobChunk(data=item)
+
+    def _failure(self) -> StoreError:
+        self._done = True
+        self._r.watchdog.release(self._watch)
+        try:
+            self._future.result(timeout=0)
+        except (grpc.RpcError, grpc.FutureCancelledError) as e:
+            return self._r.failed(e, "Put", self._watch)
+        except Exception as e:  # noqa: BLE001 - reported as the store failure it is
+            return StoreError(f"remote store {self._r.name} (Put): {e}")
+        return StoreError(f"remote store {self._r.name} (Put): call ended before the upload did")
+
+    def _put(self, item: object) -> None:
+        while True:
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._future.done():
+                    raise self._failure() from None
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._done or self._closing:
+            raise ValueError("write to a closed blob writer")
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        for off in range(0, len(view), PUT_MESSAGE_SIZE):
+            self._put(bytes(view[off : off + PUT_MESSAGE_SIZE]))
+        return len(view)
+
+    def close(self) -> B3Digest:
+        if self._digest is not None:
+            return self._digest
+        if self._done:
+            raise ValueError("close of an aborted or failed blob writer")
+        self._closing = True
+        self._watch.touch()
+        self._put(_END)
+        try:
+            resp = self._future.result()
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            raise self._failure() from None
+        self._done = True
+        self._r.watchdog.release(self._watch)
+        try:
+            remote_digest = wire.digest_from_proto(resp.digest, "digest returned by Put")
+        except ValidationError as e:
+            raise IntegrityError(f"remote store {self._r.name}: {e}") from None
+        local = B3Digest(self._hasher.digest())
+        if remote_digest != local:
+            raise IntegrityError(
+                f"remote store {self._r.name} stored {remote_digest.hex()}, but the bytes sent hash to {local.hex()}"
+            )
+        self._digest = local
+        return local
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._r.watchdog.release(self._watch)
+        # cancel first, so ending the request stream below can never commit a partial blob
+        self._future.cancel()
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._q.put_nowait(_ABORT)
+        except queue.Full:  # pragma: no cover - the queue was just drained
+            pass

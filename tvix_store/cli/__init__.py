@@ -1,0 +1,234 @@
+"""The `tvix-store` command line: argument parsing, dispatch, and the one error→exit map.
+
+This package is the top layer: the only place that wires `tvix_store` and `tvix_fuse`
+together. One module per command group (`blob`, `nar`, `importing`, `daemon`, `mount`);
+this module holds the parser, the options every store-opening command shares (`--store`
+and the per-service overrides `--blob-store`, `--directory-store`, `--pathinfo-store`,
+`--timeout`, and for the mount `--cache-dir`/`--cache-size`) and `main`.
+
+Exit status: 0 success, 1 operational error, 2 usage error. Errors are one line on
+stderr (`tvix-store: error: …`); a traceback only with `--log-level debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import StoreError, ValidationError
+
+if TYPE_CHECKING:
+    from tvix_store.store import Store
+
+log = logging.getLogger("tvix_store")
+PROG = "tvix-store"
+
+
+class UsageError(Exception):
+    """A command-line value is wrong (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (`tvix-store: error: …`), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _digest_arg(text: str) -> B3Digest:
+    try:
+        return B3Digest.parse(text)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_arg(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected bytes with optional K/M/G suffix") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be positive")
+    return v
+
+
+def _add_store(p: argparse.ArgumentParser, cache: bool = False) -> None:
+    p.add_argument(
+        "--store",
+        default=os.environ.get("TVIX_STORE_URL"),
+        metavar="URL",
+        help="store URL: local:///path (default: $TVIX_STORE_DIR or ~/.local/share/tvix-store), memory://, "
+        "grpc+http://HOST:PORT, grpc+unix:///path.sock (env TVIX_STORE_URL)",
+    )
+    for service, what in (("blob", "blobs"), ("directory", "Directories"), ("pathinfo", "path infos")):
+        p.add_argument(
+            f"--{service}-store",
+            metavar="URL",
+            help=f"take {what} from this store URL instead of --store",
+        )
+    p.add_argument(
+        "--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="deadline of remote calls (default 10)"
+    )
+    if cache:
+        p.add_argument("--cache-dir", metavar="DIR", help="persistent local cache in front of a grpc+… store")
+        p.add_argument("--cache-size", type=_size_arg, metavar="BYTES", help="bound of the cache (suffixes K/M/G)")
+
+
+def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) -> Store:
+    """The store the common options name (see `tvix_store.compose.open_store`); `long_lived`
+    (a mount, a daemon): remotes fail fast while known to be down."""
+    from tvix_store.compose import open_store
+
+    return open_store(
+        args.store,
+        blob_url=args.blob_store,
+        directory_url=args.directory_store,
+        pathinfo_url=args.pathinfo_store,
+        cache_dir=getattr(args, "cache_dir", None),
+        cache_size=getattr(args, "cache_size", None),
+        timeout=args.timeout,
+        fail_fast=long_lived,
+    )
+
+
+def store_args(args: argparse.Namespace) -> list[str]:
+    """The common store options of `args` as command-line arguments (for a child process)."""
+    from tvix_store.compose import default_url
+
+    out = ["--store", args.store or default_url(), "--timeout", repr(args.timeout)]
+    for opt in ("blob_store", "directory_store", "pathinfo_store"):
+        if (value := getattr(args, opt, None)) is not None:
+            out += ["--" + opt.replace("_", "-"), value]
+    return out
+
+
+class StoreNotFound(StoreError):
+    """A named object is not in the store (exit 1)."""
+
+
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="A content-addressed store for Nix-style file trees.")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=os.environ.get("TVIX_LOG_LEVEL", "info"),
+        help="log verbosity (default info; env TVIX_LOG_LEVEL)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("daemon", help="serve the store over gRPC (and optionally mount it)")
+    d.add_argument("--listen", default="127.0.0.1:8000", metavar="ADDR", help="HOST:PORT or unix:/path")
+    _add_store(d)
+    d.add_argument("--mount", metavar="DIR", help="also mount the store at DIR")
+    d.set_defaults(func=_lazy("tvix_store.cli.daemon", "run"))
+
+    i = sub.add_parser("import", help="ingest paths, print their Nix store paths")
+    _add_store(i)
+    i.add_argument("paths", nargs="+", metavar="PATH")
+    i.set_defaults(func=_lazy("tvix_store.cli.importing", "run"))
+
+    b = sub.add_parser("blob", help="put, cat and stat blobs")
+    bsub = b.add_subparsers(dest="blob_command", metavar="SUBCOMMAND", required=True)
+    bp = bsub.add_parser("put", help="store bytes from FILE (or - for stdin), print the digest")
+    _add_store(bp)
+    bp.add_argument("file", metavar="FILE|-")
+    bp.set_defaults(func=_lazy("tvix_store.cli.blob", "put"))
+    bc = bsub.add_parser("cat", help="write a blob to stdout")
+    _add_store(bc)
+    bc.add_argument("digest", type=_digest_arg, metavar="DIGEST")
+    bc.set_defaults(func=_lazy("tvix_store.cli.blob", "cat"))
+    bs = bsub.add_parser("stat", help="print a blob's size (and chunks)")
+    _add_store(bs)
+    bs.add_argument("--chunks", action="store_true", help="also print one 'DIGEST SIZE' line per chunk")
+    bs.add_argument("digest", type=_digest_arg, metavar="DIGEST")
+    bs.set_defaults(func=_lazy("tvix_store.cli.blob", "stat"))
+
+    m = sub.add_parser("mount", help="mount the store read-only with FUSE")
+    _add_store(m, cache=True)
+    m.add_argument(
+        "--store-root", action="store_true", help="show the store paths at the root (stand-in for /nix/store)"
+    )
+    m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument("--foreground", action="store_true", help="stay attached until unmounted")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.set_defaults(func=_lazy("tvix_store.cli.mount", "run"))
+
+    n = sub.add_parser("nar", help="write the NAR of a store path to stdout")
+    _add_store(n)
+    n.add_argument("store_path", metavar="STORE_PATH")
+    n.set_defaults(func=_lazy("tvix_store.cli.nar", "run"))
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    debug = args.log_level == "debug"
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error worth a line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (StoreError, OSError) as e:
+        if debug:
+            log.exception("command failed")
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless debugging
+        log.debug("internal error", exc_info=True)
+        print(f"{PROG}: internal error: {_one_line(e)} (run with --log-level debug for details)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__

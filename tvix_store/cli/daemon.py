@@ -1,0 +1,96 @@
+"""`tvix-store daemon`: serve a store over gRPC (and optionally mount it) until SIGINT/SIGTERM.
+
+Lifecycle: open the store, bind and start the server (`tvix_store.serve.grpc.StoreServer`),
+log one `listening on ADDR` line with the real bound address (after the mount is ready
+when `--mount` is given), wait, then stop accepting, let in-flight calls finish (up to
+a grace period), close the store and return 0. A bad or busy address raises StoreError
+(one error line, exit 1, from `tvix_store.cli`). This module is process wiring only:
+the servicers live in `tvix_store.serve.grpc`, the mount in `tvix_fuse.mount`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+
+from tvix_store.core.errors import StoreError
+
+log = logging.getLogger("tvix_store.cli.daemon")
+
+#: Seconds in-flight calls may run on after SIGINT/SIGTERM (a second signal cuts it short).
+GRACE_SECONDS = 20.0
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvix_store.cli import open_store_from_args
+    from tvix_store.serve.grpc import StoreServer
+
+    # handlers first: a signal arriving right after the ready line must already stop us cleanly
+    stop = _install_stop_handlers()
+    store = open_store_from_args(args, long_lived=True)
+    try:
+        server = StoreServer(store)
+        address = server.bind(args.listen)
+        server.start()
+        try:
+            if args.mount:
+                if not stop.is_set():
+                    _serve_with_mount(store, address, args.mount)
+            else:
+                log.info("listening on %s (store %s)", address, store.url or args.store)
+                while not stop.wait(1.0):
+                    pass
+            log.info("shutting down: finishing in-flight calls (up to %g s)", GRACE_SECONDS)
+        finally:
+            _stop(server)
+    finally:
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+def _serve_with_mount(store: object, address: str, mountpoint: str) -> None:
+    """Mount in this (main) thread until unmounted or signalled; `run_foreground` handles the signals."""
+    try:
+        from tvix_fuse.mount import run_foreground
+    except ImportError as e:
+        raise StoreError(f"--mount is not available: {e}") from None
+
+    def ready() -> None:
+        log.info("listening on %s (mounted at %s)", address, mountpoint)
+
+    run_foreground(store, mountpoint, on_ready=ready)  # type: ignore[arg-type]
+
+
+def _install_stop_handlers() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _stop(server: object) -> None:
+    """Graceful stop; a further SIGINT/SIGTERM during the grace period stops at once."""
+    from tvix_store.serve.grpc import StoreServer
+
+    assert isinstance(server, StoreServer)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (server.stop(GRACE_SECONDS), done.set()), name="grpc-stop", daemon=True)
+
+    def hurry(signum: int, frame: FrameType | None) -> None:
+        log.warning("second %s: cancelling in-flight calls", signal.Signals(signum).name)
+        server.stop(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, hurry)
+    t.start()
+    while not done.wait(0.5):
+        pass

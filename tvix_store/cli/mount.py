@@ -1,0 +1,133 @@
+"""`tvix-store mount`: mount a store read-only (foreground or background).
+
+`--foreground` runs `tvix_fuse.mount.run_foreground` in this process. Otherwise the command
+re-executes itself with `--foreground` as a detached child (new session, cwd /, stdin/stdout
+on /dev/null) and returns only once the mount answers. Until then the child's stderr is a
+pipe to the parent, which relays it (so a failure is the child's one error line); when
+ready, the child moves its stderr to the mount log (`$XDG_STATE_HOME/tvix-store/mount.log`),
+which closes the pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+
+from tvix_fuse.mount import check_fuse, check_mountpoint, run_foreground
+from tvix_store.cli import open_store_from_args, store_args
+from tvix_store.core.errors import StoreError
+
+log = logging.getLogger("tvix_fuse")
+
+READY_TIMEOUT = 60.0
+_LOG_ENV = "_TVIX_MOUNT_LOG"  # set by the background parent for its child
+
+
+def run(args: argparse.Namespace) -> int:
+    """`tvix-store mount`: see the module docstring."""
+    mp = check_mountpoint(args.mountpoint)
+    check_fuse()
+    if not args.foreground:
+        return _background(args, mp)
+    detach_to = os.environ.pop(_LOG_ENV, None)
+    store = open_store_from_args(args, long_lived=True)
+    with store:
+
+        def ready() -> None:
+            if detach_to is not None:
+                _detach_stderr(detach_to)
+            log.info("mounted %s at %s", store.url or "store", mp)
+
+        run_foreground(store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready)
+    return 0
+
+
+def _log_path() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    d = os.path.join(base, "tvix-store")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError:
+        return os.devnull
+    return os.path.join(d, "mount.log")
+
+
+def _detach_stderr(path: str) -> None:
+    """Point fd 2 at the mount log (closing the pipe the background parent waits on)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _child_argv(args: argparse.Namespace, mp: str) -> list[str]:
+    argv = [sys.executable, "-m", "tvix_store.cli", "--log-level", args.log_level, "mount", "--foreground"]
+    # the child runs in / (so it keeps no directory busy): store_args makes the default store explicit
+    argv += store_args(args)
+    if getattr(args, "cache_dir", None):
+        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    if getattr(args, "cache_size", None):
+        argv += ["--cache-size", str(args.cache_size)]
+    if args.store_root:
+        argv.append("--store-root")
+    if args.allow_other:
+        argv.append("--allow-other")
+    return [*argv, mp]
+
+
+def _background(args: argparse.Namespace, mp: str) -> int:
+    env = dict(os.environ)
+    env[_LOG_ENV] = _log_path()
+    proc = subprocess.Popen(
+        _child_argv(args, mp),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd="/",
+        env=env,
+    )
+    assert proc.stderr is not None
+    out = bytearray()
+    deadline = time.monotonic() + READY_TIMEOUT
+    fd = proc.stderr.fileno()
+    eof = False
+    while not eof:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if r:
+            chunk = os.read(fd, 65536)
+            eof = not chunk
+            out += chunk
+    proc.stderr.close()
+    if eof and proc.poll() is None and os.path.ismount(mp):
+        sys.stderr.write(out.decode(errors="replace"))
+        return 0  # ready: the child serves on, detached
+    if not eof or proc.poll() is None:
+        try:  # stuck or half-up: end it and leave nothing mounted
+            proc.wait(timeout=10 if eof else 0.01)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    lines = out.decode(errors="replace").splitlines()
+    errors = [ln for ln in lines if ln.startswith("tvix-store: ")]
+    for ln in lines:
+        if ln not in errors:
+            print(ln, file=sys.stderr)
+    if errors:
+        raise StoreError(errors[-1].split(": ", 2)[-1])
+    if not eof:
+        raise StoreError(f"the mount at {mp} did not answer within {READY_TIMEOUT:.0f} s")
+    raise StoreError(f"the mount process exited with status {proc.returncode}")

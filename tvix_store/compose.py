@@ -1,0 +1,289 @@
+"""Store URLs → services: a registry of URL schemes, per-service overrides, and the cache.
+
+`open_store(url, blob_url=…, directory_url=…, pathinfo_url=…, cache_dir=…)` builds a `Store`:
+each service comes from its own URL when given (as tvix-store's `--blob-service-addr` etc.;
+the CLI's `--blob-store`, `--directory-store`, `--pathinfo-store`), else from `url`, else from
+the default embedded store. A URL used by several services is opened once (one store
+directory, one gRPC channel). With `cache_dir`, every remote service is put behind its cache
+combinator, all over one bounded object store in that directory.
+
+Schemes (`SCHEMES`; a backend registers with `register`):
+
+    memory://                    in-process, lost at exit
+    local:///abs/path[?fsync=1]  the embedded store (`objects.files`)
+    grpc+http://HOST:PORT        a remote tvix-store (`tvix.store.v1`)
+    grpc+unix:///abs/path.sock   the same over a unix socket
+
+This module only wires; the backends live in the service packages and the object layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlparse
+
+from tvix_store.blobservice import BlobService
+from tvix_store.core.errors import ValidationError
+from tvix_store.directoryservice import DirectoryService
+from tvix_store.pathinfoservice import PathInfoService
+from tvix_store.store import Store
+from tvix_store.util.counters import Counters
+
+log = logging.getLogger("tvix_store")
+
+#: `--cache-size` when not given
+DEFAULT_CACHE_SIZE = 10 << 30
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass
+class Options:
+    """What every opener may use besides the URL."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    counters: Counters | None = None
+    #: long-lived clients (a mount, a cache): remotes fail fast while known to be down
+    fail_fast: bool = False
+
+
+@dataclass
+class Backend:
+    """One opened URL: factories of the services it provides (called at most once each)."""
+
+    blobs: Callable[[], BlobService]
+    directories: Callable[[], DirectoryService]
+    #: takes the store's (possibly overridden) blob and directory services, for NAR rendering
+    pathinfos: Callable[[BlobService, DirectoryService], PathInfoService]
+    #: releases what the opener opened (for when no service was made after all)
+    close: Callable[[], None] = lambda: None
+
+
+Opener = Callable[[str, Options], Backend]
+SCHEMES: dict[str, Opener] = {}
+#: how each scheme is spelled in messages
+USAGE: dict[str, str] = {}
+
+
+def register(scheme: str, opener: Opener, usage: str) -> None:
+    """Make `scheme://…` URLs open with `opener`."""
+    SCHEMES[scheme] = opener
+    USAGE[scheme] = usage
+
+
+def default_store_dir() -> Path:
+    """`$TVIX_STORE_DIR`, else `$XDG_DATA_HOME/tvix-store`, else `~/.local/share/tvix-store`."""
+    if d := os.environ.get("TVIX_STORE_DIR"):
+        return Path(d)
+    if x := os.environ.get("XDG_DATA_HOME"):
+        return Path(x) / "tvix-store"
+    return Path.home() / ".local" / "share" / "tvix-store"
+
+
+def default_url() -> str:
+    return f"local://{default_store_dir().absolute()}"
+
+
+def _unsupported(url: str) -> ValidationError:
+    return ValidationError(f"unsupported store URL {url!r}: expected {', '.join(USAGE.values())}")
+
+
+def open_backend(url: str, opts: Options) -> Backend:
+    """Open one URL (ValidationError for a malformed or unknown one)."""
+    scheme = urlparse(url).scheme
+    opener = SCHEMES.get(scheme)
+    if opener is None:
+        raise _unsupported(url)
+    return opener(url, opts)
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    blob_url: str | None = None,
+    directory_url: str | None = None,
+    pathinfo_url: str | None = None,
+    cache_dir: str | Path | None = None,
+    cache_size: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    fail_fast: bool | None = None,
+) -> Store:
+    """Build the store the URLs name (see the module docstring). Raises ValidationError for a
+    bad URL or option, StoreError if a backend cannot be opened (nothing is left open then).
+
+    `fail_fast` (default: with a cache) puts a circuit breaker in front of every remote, for
+    long-lived clients (`tvix_store.remote.channel`)."""
+    base = url or default_url()
+    urls = {"blobs": blob_url or base, "directories": directory_url or base, "pathinfos": pathinfo_url or base}
+    counters = Counters()
+    opts = Options(
+        timeout=timeout, counters=counters, fail_fast=cache_dir is not None if fail_fast is None else fail_fast
+    )
+    opened: dict[str, Backend] = {}
+    made: list[BlobService | DirectoryService | PathInfoService] = []
+    try:
+        for u in dict.fromkeys(urls.values()):  # validate every URL before opening anything
+            if urlparse(u).scheme not in SCHEMES:
+                raise _unsupported(u)
+        for u in dict.fromkeys(urls.values()):
+            opened[u] = open_backend(u, opts)
+        blobs = opened[urls["blobs"]].blobs()
+        made.append(blobs)
+        dirs = opened[urls["directories"]].directories()
+        made.append(dirs)
+        infos = opened[urls["pathinfos"]].pathinfos(blobs, dirs)
+        made.append(infos)
+        store = Store(blobs, dirs, infos, url=_describe(urls), counters=counters)
+        if cache_dir is not None:
+            store = with_cache(store, Path(cache_dir), cache_size, timeout=timeout)
+        return store
+    except BaseException:
+        for svc in reversed(made):
+            svc.close()
+        for backend in opened.values():
+            backend.close()
+        raise
+
+
+def _describe(urls: dict[str, str]) -> str:
+    distinct = list(dict.fromkeys(urls.values()))
+    if len(distinct) == 1:
+        return distinct[0]
+    return " ".join(f"{k}={v}" for k, v in urls.items())
+
+
+# --- the persistent cache -------------------------------------------------------------------
+
+_OLD_CACHE_VERSION = b"tvix-store-cache 1\n"
+
+
+def _adopt_old_cache(root: Path) -> None:
+    """A cache directory of the earlier layout (a `VERSION` file) is emptied: it is only a cache."""
+    vf = root / "VERSION"
+    try:
+        if vf.read_bytes() != _OLD_CACHE_VERSION:
+            return
+    except OSError:
+        return
+    log.info("cache directory %s has the earlier cache layout: emptying it", root)
+    for name in ("chunks", "blobs", "directories", "pathinfos", "tmp"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    vf.unlink()
+
+
+def with_cache(far: Store, cache_dir: Path, cache_size: int | None, *, timeout: float = DEFAULT_TIMEOUT) -> Store:
+    """`far`'s remote services behind cache combinators over one bounded object store in
+    `cache_dir` (`cache_size` bytes, default DEFAULT_CACHE_SIZE). ValidationError if no service
+    is remote. The returned Store owns `far`."""
+    from tvix_store.blobservice.cached import CachedBlobService
+    from tvix_store.blobservice.objects import ObjectBlobService
+    from tvix_store.directoryservice.cached import CachedDirectoryService
+    from tvix_store.directoryservice.objects import ObjectDirectoryService
+    from tvix_store.objects.bounded import BoundedObjectStore
+    from tvix_store.objects.files import FileObjectStore
+    from tvix_store.pathinfoservice.cached import CachedPathInfoService
+    from tvix_store.pathinfoservice.objects import ObjectPathInfoService
+
+    if not far.is_remote:
+        raise ValidationError(f"--cache-dir only applies to a remote store, not {far.url!r}")
+    counters = far.counters
+    _adopt_old_cache(cache_dir)
+    files = FileObjectStore(cache_dir, exclusive=True)
+    try:
+        near = BoundedObjectStore(files, DEFAULT_CACHE_SIZE if cache_size is None else cache_size, counters)
+    except BaseException:
+        files.close()
+        raise
+    blobs, dirs, infos = far.blobs, far.directories, far.pathinfos
+    near_blobs = ObjectBlobService(near)
+    near_dirs = ObjectDirectoryService(near)
+    if blobs.capabilities.is_remote:
+        blobs = CachedBlobService(near_blobs, blobs, counters=counters, timeout=timeout)
+    if dirs.capabilities.is_remote:
+        dirs = CachedDirectoryService(near_dirs, dirs, counters=counters)
+    if infos.capabilities.is_remote:
+        infos = CachedPathInfoService(ObjectPathInfoService(near, near_blobs, near_dirs), infos, counters=counters)
+    return Store(blobs, dirs, infos, url=far.url, counters=counters)
+
+
+# --- the schemes of this package -------------------------------------------------------------
+
+
+def _no_query(url: str) -> None:
+    if urlparse(url).query:
+        raise ValidationError(f"invalid store URL {url!r}: this scheme takes no options")
+
+
+def _open_memory(url: str, opts: Options) -> Backend:
+    from tvix_store.blobservice.memory import MemoryBlobService
+    from tvix_store.directoryservice.memory import MemoryDirectoryService
+    from tvix_store.pathinfoservice.memory import MemoryPathInfoService
+
+    u = urlparse(url)
+    if u.netloc or u.path not in ("", "/"):
+        raise ValidationError(f"invalid store URL {url!r}: expected memory://")
+    _no_query(url)
+    return Backend(MemoryBlobService, MemoryDirectoryService, MemoryPathInfoService)
+
+
+def _open_local(url: str, opts: Options) -> Backend:
+    from tvix_store.blobservice.objects import ObjectBlobService
+    from tvix_store.directoryservice.objects import ObjectDirectoryService
+    from tvix_store.objects.files import FileObjectStore
+    from tvix_store.pathinfoservice.objects import ObjectPathInfoService
+
+    u = urlparse(url)
+    if u.netloc or not u.path.startswith("/"):
+        raise ValidationError(f"invalid store URL {url!r}: expected local:///absolute/path")
+    fsync = False
+    for key, value in parse_qsl(u.query, keep_blank_values=True):
+        if key == "fsync" and value in ("0", "1", "true", "false"):
+            fsync = value in ("1", "true")
+        else:
+            raise ValidationError(f"invalid store URL {url!r}: unknown option {key}={value!r} (known: fsync=0|1)")
+    objects = FileObjectStore(Path(u.path), fsync=fsync)
+    return Backend(
+        lambda: ObjectBlobService(objects),
+        lambda: ObjectDirectoryService(objects),
+        lambda b, d: ObjectPathInfoService(objects, b, d),
+        objects.close,
+    )
+
+
+def _open_grpc(url: str, opts: Options) -> Backend:
+    from tvix_store.blobservice.grpc import GrpcBlobService
+    from tvix_store.directoryservice.grpc import GrpcDirectoryService
+    from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
+    from tvix_store.remote.channel import Remote
+
+    u = urlparse(url)
+    _no_query(url)
+    if u.scheme == "grpc+http":
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if not u.hostname or not port or u.path not in ("", "/"):
+            raise ValidationError(f"invalid store URL {url!r}: expected grpc+http://HOST:PORT")
+        target = f"{u.hostname}:{port}" if ":" not in u.hostname else f"[{u.hostname}]:{port}"
+    else:
+        if u.netloc or not u.path.startswith("/"):
+            raise ValidationError(f"invalid store URL {url!r}: expected grpc+unix:///absolute/path.sock")
+        target = f"unix:{u.path}"
+    remote = Remote(target, url, opts.timeout, opts.counters, fail_fast=opts.fail_fast)
+    return Backend(
+        lambda: GrpcBlobService(remote),
+        lambda: GrpcDirectoryService(remote),
+        lambda b, d: GrpcPathInfoService(remote),
+        remote.close,
+    )
+
+
+register("local", _open_local, "local:///path")
+register("memory", _open_memory, "memory://")
+register("grpc+http", _open_grpc, "grpc+http://HOST:PORT")
+register("grpc+unix", _open_grpc, "grpc+unix:///path")

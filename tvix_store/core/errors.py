@@ -1,0 +1,45 @@
+"""Domain exceptions of the store, shared by every layer.
+
+Not-found is a value (`None`), not an exception: these are for failures. Each layer
+maps them in exactly one place: the gRPC servicer to status codes
+(`tvix_store.remote.status`), the CLI to exit codes (`tvix_store.cli`), the FUSE
+adapter to errno (`tvix_fuse.errors`).
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The store failed to do what was asked (I/O error, bug, corrupt data...).
+
+    gRPC: INTERNAL. CLI: exit 1. FUSE: EIO.
+    """
+
+
+class ValidationError(StoreError, ValueError):
+    """Input is malformed or violates a rule of PROTOCOL.md.
+
+    gRPC: INVALID_ARGUMENT. CLI: exit 1 (or 2 when it is a command-line value). FUSE: EIO/ENOENT.
+    """
+
+
+class NotFoundError(StoreError):
+    """Something that had to be present is absent (e.g. a blob a NAR needs).
+
+    Used where absence is a failure of the operation, not the answer to a look-up.
+    gRPC: NOT_FOUND. CLI: exit 1. FUSE: EIO (a hole in the tree).
+    """
+
+
+class IntegrityError(StoreError):
+    """Bytes did not hash to the digest they were fetched by: nothing of them is returned.
+
+    gRPC: DATA_LOSS / INTERNAL. CLI: exit 1. FUSE: EIO (logged with the digest).
+    """
+
+
+class UnavailableError(StoreError):
+    """A remote store did not answer (down, stalled past its deadline, unreachable).
+
+    gRPC: UNAVAILABLE / DEADLINE_EXCEEDED. CLI: exit 1. FUSE: EIO.
+    """

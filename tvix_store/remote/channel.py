@@ -1,0 +1,267 @@
+"""`Remote`: one gRPC channel to a remote store, and the one policy every call to it follows.
+
+The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice.grpc`,
+`pathinfoservice.grpc`) share one `Remote`. Every call goes through it:
+
+- Fail fast while down (`fail_fast`, for long-lived clients: a mount, a cache): a
+  `CircuitBreaker` (`tvix_store.remote.breaker`) is checked before each call; a call that
+  fails with UnavailableError opens it. Its probe is a gRPC health check with the normal
+  deadline: any answer (SERVING, NOT_FOUND, UNIMPLEMENTED…) shows the remote is back.
+  One-shot commands go without: each call then waits for its own deadline.
+- Deadlines (a stalled server never hangs a caller for much more than `timeout`):
+  - unary calls: a deadline of `timeout` seconds (callers may give a longer one for work
+    proportional to the data, e.g. CalculateNAR);
+  - streams: no overall deadline (a 2 GiB blob may take minutes), but an idle timeout: a
+    watchdog thread cancels a stream that made no progress (no message received, no
+    message accepted for sending, no response after the last one) for `timeout` seconds,
+    and the caller gets UnavailableError. Time a caller spends with a yielded message, or
+    a writer waiting for its own caller to write more, does not count.
+- Errors, mapped once (`error`, via `tvix_store.remote.status.error_from_status`):
+  NOT_FOUND is a value (`None`) where the interface allows it; UNAVAILABLE,
+  DEADLINE_EXCEEDED, a stalled stream or a connection failure → UnavailableError naming
+  the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
+- No retries here: a failed call is reported; the breaker and the callers decide.
+
+Counters: `timeouts` (calls failed as unavailable), and the breaker's.
+Not here: message types (the backends build requests), verification (the backends check
+what they receive).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
+from tvix_store.remote.breaker import CircuitBreaker
+from tvix_store.remote.status import error_from_status
+from tvix_store.util.counters import Counters
+
+DEFAULT_TIMEOUT = 10.0
+MAX_MESSAGE_SIZE = 64 << 20
+#: how often the breaker probes a remote that is down
+PROBE_INTERVAL = 1.0
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # recover quickly when the remote comes back
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 1_000),  # also the handshake timeout of a connection attempt
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class Watch:
+    """One watched stream: progress time, the call to cancel, and whether idling is the caller's choice."""
+
+    __slots__ = ("call", "last", "timed_out", "idle_ok")
+
+    def __init__(self, idle_ok: Callable[[], bool] | None = None) -> None:
+        self.call: Any = None
+        self.last = time.monotonic()
+        self.timed_out = False
+        self.idle_ok = idle_ok
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class Watchdog:
+    """Cancels watched streams that made no progress for `timeout` seconds (one thread per channel)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._interval = min(0.25, timeout / 4)
+        self._watches: set[Watch] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, idle_ok: Callable[[], bool] | None = None) -> Watch:
+        w = Watch(idle_ok)
+        with self._cond:
+            self._watches.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grpc-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return w
+
+    def release(self, w: Watch) -> None:
+        with self._cond:
+            self._watches.discard(w)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._watches and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._cond.wait(self._interval)
+                now = time.monotonic()
+                stalled = []
+                for w in list(self._watches):
+                    if w.idle_ok is not None and w.idle_ok():
+                        w.last = now
+                    elif w.call is not None and now - w.last > self.timeout:
+                        w.timed_out = True
+                        stalled.append(w)
+                        self._watches.discard(w)
+            for w in stalled:
+                w.call.cancel()
+
+
+class Remote:
+    """The channel shared by the services of one remote store (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: str,
+        name: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        counters: Counters | None = None,
+        *,
+        fail_fast: bool = False,
+    ) -> None:
+        if timeout <= 0:
+            raise ValidationError(f"invalid timeout {timeout!r}: must be positive")
+        self.target = target
+        self.name = name or target
+        self.timeout = timeout
+        self.counters = counters if counters is not None else Counters()
+        self.counters.declare(("timeouts",))
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.watchdog = Watchdog(timeout)
+        self.breaker: CircuitBreaker | None = None
+        if fail_fast:
+            self.breaker = CircuitBreaker(
+                self._probe, interval=PROBE_INTERVAL, name=f"remote store {self.name}", counters=self.counters
+            )
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _probe(self) -> None:
+        """Any answer of the health service (even an error status) means the remote is up."""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            err = self.error(e, "health check")
+            if isinstance(err, UnavailableError):
+                raise err from None
+
+    @property
+    def is_down(self) -> bool:
+        return self.breaker is not None and self.breaker.is_down
+
+    def error(self, e: BaseException, what: str, watch: Watch | None = None) -> StoreError:
+        """The domain exception for a failed call `what` (not counted; see `failed`)."""
+        if watch is not None and watch.timed_out:
+            return UnavailableError(
+                f"remote store {self.name} unavailable ({what}): no progress for {self.timeout:g} s, call cancelled"
+            )
+        if isinstance(e, grpc.Call):
+            code, details = e.code(), e.details()
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                details = f"no answer within the deadline ({details})"
+            return error_from_status(code, details, self.name, what)
+        if isinstance(e, grpc.FutureCancelledError):
+            return UnavailableError(f"remote store {self.name} unavailable ({what}): call cancelled")
+        return StoreError(f"remote store {self.name} ({what}): {e}")
+
+    def failed(self, e: BaseException, what: str, watch: Watch | None = None) -> StoreError:
+        """`error`, and an unavailable remote opens the breaker and counts a timeout."""
+        err = self.error(e, what, watch)
+        if isinstance(err, UnavailableError):
+            self.counters.add("timeouts")
+            if self.breaker is not None:
+                self.breaker.trip(err)
+        return err
+
+    def check(self) -> None:
+        """Raise UnavailableError at once while the remote is known to be down."""
+        if self.breaker is not None:
+            self.breaker.check()
+
+    def unary(
+        self, method: Any, request: Any, what: str, timeout: float | None = None, none_if_absent: bool = True
+    ) -> Any:
+        """Call a unary method with a deadline; None for NOT_FOUND (if `none_if_absent`)."""
+        self.check()
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            if none_if_absent and isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self.failed(e, what) from None
+
+    def server_stream(self, method: Any, request: Any, what: str) -> Iterator[Any]:
+        """Iterate a response stream under the idle watchdog; NotFoundError for NOT_FOUND.
+
+        Closing the generator early cancels the call."""
+        self.check()
+        in_caller = False  # time the caller spends with a yielded message is not a stall
+
+        def idle_ok() -> bool:
+            return in_caller
+
+        w = self.watchdog.watch(idle_ok)
+        call = method(request)
+        w.call = call
+        try:
+            for msg in call:
+                in_caller = True
+                yield msg
+                in_caller = False
+                w.touch()
+        except grpc.RpcError as e:
+            raise self.failed(e, what, w) from None
+        finally:
+            self.watchdog.release(w)
+            call.cancel()
+
+    def client_stream(self, method: Any, requests: Iterable[Any], what: str) -> Any:
+        """Send a request stream under the idle watchdog; return the response."""
+        self.check()
+        w = self.watchdog.watch()
+
+        def gen() -> Iterator[Any]:
+            for r in requests:
+                w.touch()
+                yield r
+            w.touch()
+
+        fut = method.future(gen())
+        w.call = fut
+        try:
+            return fut.result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as e:
+            raise self.failed(e, what, w) from None
+        finally:
+            self.watchdog.release(w)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.breaker is not None:
+            self.breaker.close()
+        self.watchdog.close()
+        self.channel.close()

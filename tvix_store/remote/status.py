@@ -1,0 +1,105 @@
+"""The one map between domain exceptions (`tvix_store.core.errors`) and gRPC status codes.
+
+Server side: `map_errors` decorates every servicer method (unary and streaming alike),
+so no RPC has its own try/except. Client side: `error_from_status` turns a status a
+remote answered with into a domain exception (NOT_FOUND is handled by the caller,
+where not-found is a value). This module does no I/O besides logging.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from tvix_store.core.errors import (
+    IntegrityError,
+    NotFoundError,
+    StoreError,
+    UnavailableError,
+    ValidationError,
+)
+
+log = logging.getLogger("tvix_store.serve.grpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and (one-line, traceback-free) message a server answers for `exc`."""
+    msg = _one_line(exc)
+    if isinstance(exc, ValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, msg
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, msg
+    if isinstance(exc, IntegrityError):
+        return grpc.StatusCode.DATA_LOSS, msg
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, msg
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.INTERNAL, msg
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {msg}"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
+    if isinstance(exc, grpc.RpcError):
+        # Raised by a request iterator whose client cancelled: grpc handles it quietly.
+        raise exc
+    code, msg = status_for(exc)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        log.debug("%s: %s: %s", rpc, code.name, msg)
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s: %s", rpc, msg)
+    elif isinstance(exc, StoreError):
+        log.error("%s failed (%s): %s", rpc, code.name, msg)
+    else:
+        log.error("%s failed with an unexpected error: %s", rpc, msg, exc_info=exc)
+    context.abort(code, msg)
+
+
+def map_errors(method: F) -> F:
+    """Decorate a servicer method `(self, request_or_iterator, context)`: any exception it
+    raises (or raises while streaming responses) becomes `context.abort(code, message)`."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def gen_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as e:
+                _abort(context, e, name)
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            _abort(context, e, name)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def error_from_status(code: grpc.StatusCode | None, details: str | None, remote: str, what: str) -> StoreError:
+    """The domain exception for a failed call `what` to `remote` (NOT_FOUND included, as NotFoundError)."""
+    detail = details or (code.name if code is not None else "unknown error")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return UnavailableError(f"remote store {remote} unavailable ({what}): {detail}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return ValidationError(f"remote store {remote} rejected {what}: {detail}")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"{what}: not found on {remote}: {detail}")
+    if code is grpc.StatusCode.DATA_LOSS:
+        return IntegrityError(f"remote store {remote} ({what}): {detail}")
+    name = code.name if code is not None else "UNKNOWN"
+    return StoreError(f"remote store {remote} failed ({what}): {name}: {detail}")
