@@ -95,18 +95,40 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         d.stop()
 
 
-@pytest.fixture(params=["memory", "local", "grpc"])
+def cached_over_memory() -> Store:
+    """The cache combinators with memory on both sides (no remote at all)."""
+    from tvix_store.blobservice.cached import CachedBlobService
+    from tvix_store.blobservice.memory import MemoryBlobService
+    from tvix_store.directoryservice.cached import CachedDirectoryService
+    from tvix_store.directoryservice.memory import MemoryDirectoryService
+    from tvix_store.pathinfoservice.cached import CachedPathInfoService
+    from tvix_store.pathinfoservice.memory import MemoryPathInfoService
+
+    far = open_store("memory://")
+    nb, nd = MemoryBlobService(), MemoryDirectoryService()
+    return Store(
+        CachedBlobService(nb, far.blobs),
+        CachedDirectoryService(nd, far.directories),
+        CachedPathInfoService(MemoryPathInfoService(nb, nd), far.pathinfos),
+        "cached(memory, memory)",
+    )
+
+
+@pytest.fixture(params=["memory", "local", "grpc", "cached-memory", "cached-grpc"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The backend matrix of the contract suite: memory, local, and the gRPC client to a real daemon."""
+    """The backend matrix of the contract suite: memory, local, the gRPC client to a real daemon,
+    and the cache combinators over memory and over a real daemon (with a persistent cache dir)."""
     kind = request.param
     d: Daemon | None = None
     if kind == "memory":
         s = open_store("memory://")
     elif kind == "local":
         s = open_store(f"local://{tmp_path / 'store'}")
+    elif kind == "cached-memory":
+        s = cached_over_memory()
     else:
         d = Daemon(f"local://{tmp_path / 'daemon-store'}")
-        s = open_store(d.url)
+        s = open_store(d.url, cache_dir=tmp_path / "cache" if kind == "cached-grpc" else None)
     try:
         yield s
     finally:

@@ -3,11 +3,14 @@ tree builders, and disk-use measurement of a cache directory."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import subprocess
 from pathlib import Path
 
 from tvix_store.compose import open_store
+from tvix_store.core.castore import Directory, FileNode, Node, SymlinkNode
 from tvix_store.store import Store
 from tvix_store.verify import VerifyReport, verify_objects
 
@@ -84,3 +87,37 @@ def verify(store: Store) -> VerifyReport:
     objects = getattr(store.blobs, "objects", None)
     assert objects is not None, f"{store.url} is not an object-backed store"
     return verify_objects(objects)
+
+
+#: names whose order differs between bytes and locales (NAR order is bytewise)
+ODD_NAMES = (b"A", b"a", b"-", b"_", b"~", b"B-", b"b_", "é".encode(), "Z\u00e4".encode(), b"0")
+
+
+def materialize(node: Node, parent: Path, blobs: dict[bytes, bytes], dirs: dict[bytes, Directory]) -> Path:
+    """Write a castore node to the filesystem under `parent` (by its name), from the known bytes
+    of its blobs and its Directories: the tree an independent tool (`nix-store --dump`) reads."""
+    path = parent / os.fsdecode(node.name)
+    stack: list[tuple[Node, Path]] = [(node, path)]
+    while stack:
+        n, p = stack.pop()
+        if isinstance(n, SymlinkNode):
+            os.symlink(n.target, p)
+        elif isinstance(n, FileNode):
+            p.write_bytes(blobs[bytes(n.digest)])
+            p.chmod(0o755 if n.executable else 0o644)
+        else:
+            p.mkdir()
+            d = dirs[bytes(n.digest)]
+            stack.extend((c, p / os.fsdecode(c.name)) for c in d.nodes())
+    return path
+
+
+def nix_dump(path: Path) -> bytes:
+    """The NAR of a path as the real `nix-store --dump` writes it."""
+    return subprocess.run(["nix-store", "--dump", str(path)], capture_output=True, check=True).stdout
+
+
+def nix_nar_hash(path: Path) -> tuple[int, bytes]:
+    """(size, sha256) of `nix-store --dump PATH`."""
+    dump = nix_dump(path)
+    return len(dump), hashlib.sha256(dump).digest()

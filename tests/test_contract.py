@@ -1,16 +1,16 @@
-"""One contract suite over every backend (memory, local, the gRPC client to a real daemon):
+"""One contract suite over every backend and combinator (memory, local, the gRPC client to a
+real daemon, the cache over memory and over a real daemon):
 the interface contracts written in the docstrings of `tvix_store.blobservice`,
 `tvix_store.directoryservice` and `tvix_store.pathinfoservice`."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
-from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, random_bytes
+from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, ODD_NAMES, materialize, nix_nar_hash, random_bytes
 
-from tvix_store import nar
-from tvix_store.compose import open_store
 from tvix_store.core.castore import Directory, DirectoryNode, FileNode, SymlinkNode
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError, ValidationError
@@ -204,40 +204,42 @@ def test_invalid_directory_rejected(store: Store) -> None:
 # --- PathInfoService --------------------------------------------------------------------
 
 
-def put_tree(store: Store) -> tuple[DirectoryNode, Directory]:
-    """A small tree with a multi-chunk file, all of it stored."""
+def tree_objects() -> tuple[Directory, list[Directory], dict[bytes, bytes]]:
+    """A small tree with a multi-chunk executable, the diamond below it, a symlink, and names
+    whose bytewise order differs from locale order: (top, Directories leaves first, blobs)."""
     big = blob((3 << 20) + 17)
-    fb, fh = store.blobs.put(big), store.blobs.put(HELLO)
-    store.blobs.put(b"")
+    datas = {bytes(B3Digest.of(x)): x for x in (big, HELLO, b"")}
+    odd = [FileNode(n, B3Digest.of(b""), 0) for n in ODD_NAMES]
     c, a, b, root = diamond()
-    top = Directory(
-        directories=(root.as_node(b"d"),),
-        files=(FileNode(b"big", fb, len(big), True), FileNode(b"hello", fh, len(HELLO))),
-        symlinks=(SymlinkNode(b"link", b"../x"),),
+    top = Directory.from_nodes(
+        [
+            root.as_node(b"d"),
+            FileNode(b"big", B3Digest.of(big), len(big), True),
+            FileNode(b"hello", B3Digest.of(HELLO), len(HELLO)),
+            SymlinkNode(b"link", b"../x"),
+            *odd,
+        ]
     )
-    store.directories.put_graph([c, a, b, root, top])
+    return top, [c, a, b, root, top], datas
+
+
+def put_tree(store: Store) -> tuple[DirectoryNode, Directory]:
+    """`tree_objects`, all of it stored."""
+    top, graph, datas = tree_objects()
+    for data in datas.values():
+        store.blobs.put(data)
+    store.directories.put_graph(graph)
     return top.as_node(b"x"), top
 
 
-def reference_nar(top: Directory) -> tuple[int, bytes]:
-    """NAR size and sha256 computed by tvix_store.nar over a fresh memory store with the same content."""
-    m = open_store("memory://")
-    m.blobs.put(blob((3 << 20) + 17))
-    m.blobs.put(HELLO)
-    m.blobs.put(b"")
-    c, a, b, root = diamond()
-    m.directories.put_graph([c, a, b, root, top])
-    return nar.calculate(top.as_node(b"x"), m.blobs, m.directories)
-
-
-def test_calculate_nar(store: Store) -> None:
+def test_calculate_nar(store: Store, tmp_path: Path) -> None:
+    """The NAR size and sha256 of what the real `nix-store --dump` writes for the same tree."""
     node, top = put_tree(store)
-    expected = reference_nar(top)
-    assert store.pathinfos.calculate_nar(node) == expected
-    fnode = top.files[1].renamed(b"f")
-    assert store.pathinfos.calculate_nar(fnode) == nar.calculate(fnode, store.blobs, store.directories)
-    link = SymlinkNode(b"l", b"target")
-    assert store.pathinfos.calculate_nar(link) == nar.calculate(link, store.blobs, store.directories)
+    _, graph, datas = tree_objects()
+    dirs = {bytes(d.digest): d for d in graph}
+    assert store.pathinfos.calculate_nar(node) == nix_nar_hash(materialize(node, tmp_path, datas, dirs))
+    for leaf in (top.files[1].renamed(b"f"), top.files[0].renamed(b"exe"), SymlinkNode(b"l", b"target")):
+        assert store.pathinfos.calculate_nar(leaf) == nix_nar_hash(materialize(leaf, tmp_path, datas, dirs))
 
 
 def test_calculate_nar_missing_is_not_found(store: Store) -> None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import blake3
-
 from tvix_store.core import nixbase32
 from tvix_store.core.chunks import decode_chunk_list
-from tvix_store.core.digest import B3Digest, check_digest
+from tvix_store.core.digest import B3Digest, check_digest, new_hasher
 from tvix_store.core.errors import IntegrityError, ValidationError
 from tvix_store.objects import ObjectStore
 from tvix_store.protocol import wire
@@ -68,7 +66,7 @@ def verify_objects(objects: ObjectStore, full: bool = True) -> VerifyReport:
             if raw is None:
                 continue
             entries = decode_chunk_list(raw, name)
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            h = new_hasher(large=True)
             for c in entries:
                 have = chunk_sizes.get(c.digest)
                 if have is None:

@@ -26,11 +26,9 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import BinaryIO
 
-import blake3
-
 from tvix_store.core.capabilities import LOCAL, Capabilities
 from tvix_store.core.chunks import ChunkMeta, chunk_offsets
-from tvix_store.core.digest import B3Digest
+from tvix_store.core.digest import B3Digest, Hasher, new_hasher
 from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError
 from tvix_store.readahead import ReadAhead
 
@@ -161,7 +159,7 @@ class ChunkedReader(io.RawIOBase):
         self._pos = 0
         self._cur: tuple[int, bytes] | None = None
         self._last = -1  # index of the last chunk loaded
-        self._hasher: blake3.blake3 | None = blake3.blake3() if verify_whole else None
+        self._hasher: Hasher | None = new_hasher() if verify_whole else None
         self._failed: IntegrityError | None = None
 
     @property

@@ -20,13 +20,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-import blake3
 import grpc
 
 from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.core.capabilities import REMOTE
 from tvix_store.core.chunks import ChunkMeta
-from tvix_store.core.digest import EMPTY_DIGEST, B3Digest
+from tvix_store.core.digest import EMPTY_DIGEST, B3Digest, new_hasher
 from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, ValidationError
 from tvix_store.protocol import wire
 from tvix_store.protocol.g1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
@@ -75,7 +74,7 @@ class GrpcBlobService(BlobService):
                 self._sizes.move_to_end(digest)
                 return size
         size = 0
-        h = blake3.blake3()
+        h = new_hasher()
         try:
             for msg in self._read_stream(digest):
                 size += len(msg.data)
@@ -96,7 +95,7 @@ class GrpcBlobService(BlobService):
 
     def read_chunk(self, digest: B3Digest) -> bytes | None:
         parts: list[bytes] = []
-        h = blake3.blake3()
+        h = new_hasher()
         try:
             for msg in self._read_stream(digest):
                 parts.append(msg.data)
@@ -131,7 +130,7 @@ class _GrpcBlobWriter(BlobWriter):
         remote.check()
         self._r = remote
         self._q: queue.Queue[object] = queue.Queue(maxsize=PUT_QUEUE_DEPTH)
-        self._hasher = blake3.blake3()
+        self._hasher = new_hasher()
         self._digest: B3Digest | None = None
         self._done = False  # closed, aborted or failed
         self._closing = False

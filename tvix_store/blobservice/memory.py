@@ -11,12 +11,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-import blake3
-
 from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.core.capabilities import Capabilities
 from tvix_store.core.chunks import ChunkMeta, check_chunk_list
-from tvix_store.core.digest import B3Digest, check_digest
+from tvix_store.core.digest import B3Digest, check_digest, new_hasher
 
 
 class MemoryBlobService(BlobService):
@@ -69,7 +67,7 @@ class _MemoryWriter(BlobWriter):
     def __init__(self, svc: MemoryBlobService) -> None:
         self._svc = svc
         self._buf = bytearray()
-        self._hasher = blake3.blake3()
+        self._hasher = new_hasher()
         self._digest: B3Digest | None = None
 
     def write(self, data: bytes | memoryview) -> int:

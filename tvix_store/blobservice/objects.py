@@ -29,13 +29,11 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import blake3
-
 from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.chunking import DEFAULT, Chunker, ChunkParams
 from tvix_store.core.capabilities import Capabilities
 from tvix_store.core.chunks import ChunkMeta, check_chunk_list, decode_chunk_list, encode_chunk_list
-from tvix_store.core.digest import B3Digest, blake3_of, check_digest
+from tvix_store.core.digest import B3Digest, blake3_of, check_digest, new_hasher
 from tvix_store.core.errors import NotFoundError, StoreError
 from tvix_store.objects import ObjectStore, Staged
 
@@ -170,7 +168,7 @@ class ObjectBlobWriter(BlobWriter):
     def __init__(self, objects: ObjectStore, params: ChunkParams) -> None:
         self._objects = objects
         self._chunker = Chunker(params)
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._hasher = new_hasher(large=True)
         self._pending = bytearray()
         self._inflight: deque[Future[_Stored]] = deque()
         self._chunks: list[ChunkMeta] = []

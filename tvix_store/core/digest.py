@@ -25,6 +25,14 @@ DIGEST_LEN = 32
 _MT_THRESHOLD = 1 << 20
 
 
+Hasher = blake3.blake3
+
+
+def new_hasher(large: bool = False) -> Hasher:
+    """An incremental BLAKE3 hasher (`large`: the input will be big, hash with several threads)."""
+    return blake3.blake3(max_threads=blake3.blake3.AUTO) if large else blake3.blake3()
+
+
 def blake3_of(data: bytes | bytearray | memoryview) -> bytes:
     """The BLAKE3-256 of a whole buffer (multithreaded for large inputs; releases the GIL)."""
     if len(data) >= _MT_THRESHOLD:
@@ -93,7 +101,7 @@ class B3Digest(bytes):
         return f"B3Digest({self.hex()})"
 
 
-EMPTY_DIGEST = B3Digest(blake3.blake3(b"").digest())
+EMPTY_DIGEST = B3Digest(blake3_of(b""))
 
 
 def check_digest(what: str, digest: B3Digest, data: bytes | bytearray | memoryview) -> None:

@@ -21,11 +21,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-import blake3
-
 from tvix_store import nar
 from tvix_store.core.castore import MAX_U32, Directory, FileNode, Node, SymlinkNode, validate_name
-from tvix_store.core.digest import B3Digest
+from tvix_store.core.digest import B3Digest, new_hasher
 from tvix_store.core.errors import StoreError, ValidationError
 from tvix_store.importer.upload import Pending, Progress, Uploader, open_nofollow, show
 
@@ -197,7 +195,7 @@ class TreeWalk:
                 raise StoreError(f"{show(p)}: file shrank while being imported")
             data += more
         self.nar(data)
-        digest = B3Digest(blake3.blake3(data).digest())
+        digest = B3Digest.of(data)
         if digest not in self.pending:
             keep = self.kept + size <= KEEP_BYTES
             self.kept += size if keep else 0
@@ -206,7 +204,7 @@ class TreeWalk:
 
     def big_file(self, fd: int, p: bytes, size: int) -> B3Digest:
         # pass 1: BLAKE3 only (fast), to ask the store before uploading anything
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h = new_hasher(large=True)
         buf = bytearray(READ_SIZE)
         view = memoryview(buf)
         total = 0
