@@ -18,6 +18,9 @@ EMPTY_HEX = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 HELLO = b"Hello World!"
 HELLO_HEX = "5ca7815adcb484e9a136c11efe69c1d530176d549b5d18d038eb5280b4b3470c"
 
+#: names whose order differs between bytes and locales (NAR order is bytewise)
+ODD_NAMES = (b"A", b"a", b"-", b"_", b"~", b"B-", b"b_", "é".encode(), "Z\u00e4".encode(), b"0")
+
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
@@ -25,7 +28,8 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
 
 def make_tree(root: Path, seed: int = 0) -> Path:
     """A small tree with every kind of entry PROTOCOL.md allows: files, executables, empty
-    files and dirs, symlinks (relative, absolute, dangling), nested dirs, non-ASCII names."""
+    files and dirs, symlinks (relative, absolute, dangling), nested dirs, non-ASCII names, and
+    names whose bytewise order differs from their locale order (`order/`)."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "a.txt").write_bytes(b"hello\n")
@@ -43,29 +47,34 @@ def make_tree(root: Path, seed: int = 0) -> Path:
     os.symlink("/etc/hostname", root / "link-abs")
     os.symlink("does/not/exist", root / "link-dangling")
     os.symlink("../a.txt", root / "sub" / "up")
+    order = root / "order"  # names whose bytewise (NAR) order differs from locale order
+    order.mkdir()
+    for i, name in enumerate(ODD_NAMES):
+        (order / os.fsdecode(name)).write_bytes(b"%d\n" % i)
+    (order / os.fsdecode(ODD_NAMES[0] + b"dir")).mkdir()
     return root
 
 
 def coexisting_disk_use(cache: Path) -> int:
-    """Bytes (st_blocks) of chunk files (and chunk temp files) that all existed at one moment.
+    """Bytes (st_blocks) of the objects and temp files of a cache directory that all existed at
+    one moment (what `--cache-size` bounds: every object, rounded up to the block).
 
     A directory walk is not atomic: a file counted early may be evicted before a new one is
     counted later. So walk once, then re-stat what was counted: a file with the same inode at
     both stats existed all along, so all survivors existed together when the walk ended, and
     their sum is a real disk use at that moment (never an over-count made by the walk itself)."""
     seen: list[tuple[str, int]] = []
-    for sub in ("chunks", "tmp"):
-        stack = [str(cache / sub)]
-        while stack:
-            try:
-                entries = list(os.scandir(stack.pop()))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif sub == "chunks" or e.name.startswith("c-"):
-                    seen.append((e.path, e.inode()))
+    stack = [str(cache / sub) for sub in ("chunks", "blobs", "directories", "pathinfos", "tmp")]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            else:
+                seen.append((e.path, e.inode()))
     total = 0
     for path, ino in seen:
         try:
@@ -87,10 +96,6 @@ def verify(store: Store) -> VerifyReport:
     objects = getattr(store.blobs, "objects", None)
     assert objects is not None, f"{store.url} is not an object-backed store"
     return verify_objects(objects)
-
-
-#: names whose order differs between bytes and locales (NAR order is bytewise)
-ODD_NAMES = (b"A", b"a", b"-", b"_", b"~", b"B-", b"b_", "é".encode(), "Z\u00e4".encode(), b"0")
 
 
 def materialize(node: Node, parent: Path, blobs: dict[bytes, bytes], dirs: dict[bytes, Directory]) -> Path:

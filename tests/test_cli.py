@@ -52,12 +52,13 @@ def test_unsupported_store_url() -> None:
     one_line_error(p, 1, "local://relative/path")
 
 
-def test_unreachable_remote_fails_quickly() -> None:
+def test_unreachable_remote_fails_without_waiting_for_the_deadline() -> None:
+    deadline = 60
     t0 = time.monotonic()
-    p = cli("blob", "stat", "--store", "grpc+http://127.0.0.1:1", EMPTY_HEX, check=False, timeout=30)
+    p = cli("blob", "stat", "--timeout", str(deadline), "--store", "grpc+http://127.0.0.1:1", EMPTY_HEX, check=False)
     elapsed = time.monotonic() - t0
-    one_line_error(p, 1)
-    assert elapsed < 8, f"took {elapsed:.1f} s"
+    one_line_error(p, 1, "127.0.0.1:1")
+    assert elapsed < deadline / 2, f"took {elapsed:.1f} s"
 
 
 def test_nonexistent_import_path(tmp_path: Path) -> None:
@@ -194,7 +195,6 @@ def test_tvix_store_url_is_honoured(tmp_path: Path) -> None:
 
 
 def test_tvix_store_dir_is_honoured(tmp_path: Path) -> None:
-    local_url(tmp_path)  # skips without the local backend
     store_dir = tmp_path / "from-env"
     f = tmp_path / "hello"
     f.write_bytes(HELLO)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Daemon, cli
+from mountutil import requires_fuse
 
 from tvix_store.compose import open_store
 from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
@@ -131,20 +131,9 @@ def test_bad_address_one_line_exit_1(listen: str, word: str, busy_port: int) -> 
     assert "Traceback" not in err
 
 
-def _can_mount() -> str | None:
-    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
-        return "needs /dev/fuse and fusermount3"
-    try:
-        import tvix_fuse.mount  # noqa: F401
-    except ImportError as e:
-        return f"tvix_fuse.mount not available: {e}"
-    return None
-
-
 @pytest.mark.mount
+@requires_fuse
 def test_daemon_with_mount(tmp_path: Path) -> None:
-    if reason := _can_mount():
-        pytest.skip(reason)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     d = Daemon(f"local://{tmp_path / 'store'}", extra=("--mount", str(mnt)))

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, cli
 from fixtures import HELLO, open_local, random_bytes, verify
+from mountutil import wait_until
 
+from tvix_store.compose import open_store
 from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import StoreError
 from tvix_store.store import Store
 
 pytestmark = pytest.mark.slow
@@ -112,36 +115,71 @@ def test_kill9_writer_at_random_instants(tmp_path: Path) -> None:
     assert any(k == "blob" for k, _, _ in committed)
 
 
-def test_kill9_cli_blob_put_of_large_file(tmp_path: Path) -> None:
+def temp_files_of(root: Path, pid: int) -> list[Path]:
+    """The temp files writer `pid` has in a store directory (`<pidns>.<pid>.<random>.<n>`)."""
+    tmp = root / "tmp"
+    return [p for p in tmp.iterdir() if p.name.split(".")[1:2] == [str(pid)]] if tmp.exists() else []
+
+
+def test_kill9_cli_blob_put_mid_write(tmp_path: Path) -> None:
+    """`blob put -` is fed part of a blob and held there: its staged chunks are on disk (the
+    proof it is mid-write) when it is killed. Nothing of it is visible after, the store
+    verifies, its temp files are reclaimed on the next open, and the same put then works."""
     root = tmp_path / "store"
     url = f"local://{root}"
     keep = cli("blob", "put", "--store", url, "-", input=HELLO).stdout.decode().strip()
-    rng = random.Random(99)
-    for k in range(4):
+    for k, fed in enumerate((3 << 20, 9 << 20, (20 << 20) + 12345)):
         data = random_bytes(24 << 20, seed=500 + k)
-        f = tmp_path / f"big{k}"
-        f.write_bytes(data)
         p = subprocess.Popen(
-            [sys.executable, "-m", "tvix_store.cli", "blob", "put", "--store", url, str(f)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "tvix_store.cli", "blob", "put", "--store", url, "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(0.1, 0.5))
+        assert p.stdin is not None
+        p.stdin.write(data[:fed])
+        p.stdin.flush()
+        wait_until(lambda p=p: len(temp_files_of(root, p.pid)) >= 2, what="staged chunks of the writer")
         p.kill()
-        p.wait()
+        out, _ = p.communicate()
+        assert p.returncode == -signal.SIGKILL and out == b""  # it never committed
         s = open_local(root)
+        assert not temp_files_of(root, p.pid)  # reclaimed: its writer is dead
         rep = verify(s)
         assert rep.ok, rep.problems
-        assert_no_partial_blob(s, data)
+        assert s.blobs.chunks(B3Digest.of(data)) is None
         assert s.blobs.read_chunk(B3Digest.from_hex(keep)) == HELLO
+        d = s.blobs.put(data)
+        assert d == B3Digest.of(data) and s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
+        assert verify(s).ok
         s.close()
-        f.unlink()
-    # after a kill, putting the same data again works and the store is whole
-    data = random_bytes(24 << 20, seed=500)
-    d = B3Digest.of(data)
-    s = open_local(root)
-    assert s.blobs.put(data) == d and s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
-    assert verify(s).ok
+
+
+def test_kill9_daemon_during_a_grpc_put(tmp_path: Path) -> None:
+    """A daemon killed while a client streams a Put into it (its staged chunks on disk): the
+    client gets an error, the store verifies, nothing partial is visible, and the next daemon
+    over the directory reclaims the dead one's temp files."""
+    root = tmp_path / "store"
+    url = f"local://{root}"
+    d = Daemon(url)
+    data = random_bytes(16 << 20, seed=41)
+    with open_store(d.url, timeout=5) as client:
+        w = client.blobs.open_write()
+        w.write(data[: 8 << 20])
+        wait_until(lambda: len(temp_files_of(root, d.proc.pid)) >= 2, what="chunks staged by the daemon")
+        assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+        with pytest.raises(StoreError):
+            w.write(data[8 << 20 :])
+            w.close()
+    d2 = Daemon(url)
+    try:
+        assert not temp_files_of(root, d.proc.pid)
+        with open_store(d2.url) as c2:
+            assert c2.blobs.chunks(B3Digest.of(data)) is None
+    finally:
+        assert d2.stop() == 0
+    rep = verify(open_local(root))
+    assert rep.ok, rep.problems
 
 
 CONCURRENT = textwrap.dedent(

@@ -20,10 +20,11 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from conftest import REPO, Daemon
+from conftest import GUARANTEE_SLACK, REPO, Daemon
 from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, materialize, nix_nar_hash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from mountutil import wait_until
 
 from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.blobservice.memory import MemoryBlobService
@@ -39,8 +40,11 @@ from tvix_store.core.errors import (
     ValidationError,
 )
 from tvix_store.core.pathinfo import PathInfo, StorePath
+from tvix_store.protocol.g1 import castore_pb2
 from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
 from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
+from tvix_store.protocol.g1 import rpc_directory_pb2 as rd
+from tvix_store.protocol.g1 import rpc_directory_pb2_grpc as rdg
 from tvix_store.remote.status import status_for
 from tvix_store.serve.grpc import BlobServicer, StoreServer
 from tvix_store.store import Store
@@ -164,11 +168,24 @@ def test_empty_blob(served: Daemon, client: Store) -> None:
     assert client.blobs.open_read(d).read() == b""
 
 
-def test_cancelled_put_stores_nothing(served: Daemon) -> None:
+@pytest.fixture
+def debug_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon that logs at debug level (its log says when it finished with a cancelled call)."""
+    d = Daemon(f"local://{tmp_path / 'store'}", log_level="debug")
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_cancelled_blob_put_stores_nothing(debug_daemon: Daemon, tmp_path: Path) -> None:
+    """Cancelled once the server holds staged chunks of it; checked after the server finished
+    with the cancelled call (its log says so): nothing of it is visible, nothing is left in tmp/."""
     first = os.urandom(MiB)
     second = os.urandom(MiB)
     asked_third = threading.Event()
     release = threading.Event()
+    tmp = tmp_path / "store" / "tmp"
 
     def requests() -> Iterator[rb.BlobChunk]:
         yield rb.BlobChunk(data=first)
@@ -176,13 +193,16 @@ def test_cancelled_put_stores_nothing(served: Daemon) -> None:
         asked_third.set()  # both sent: the consumer wants more
         release.wait(30)
 
-    with grpc.insecure_channel(served.address) as ch:
+    with grpc.insecure_channel(debug_daemon.address) as ch:
         stub = rbg.BlobServiceStub(ch)
         fut = stub.Put.future(requests(), timeout=30)
         assert asked_third.wait(10)
+        wait_until(lambda: any(tmp.iterdir()), what="chunks staged by the server")
         fut.cancel()
         release.set()
         assert fut.cancelled()
+        debug_daemon.wait_log("Put: cancelled by the client")
+        wait_until(lambda: not any(tmp.iterdir()), what="the staged chunks to be discarded")
         for data in (first, first + second):
             with pytest.raises(grpc.RpcError) as ei:
                 stub.Stat(rb.StatBlobRequest(digest=blake3.blake3(data).digest()), timeout=10)
@@ -190,6 +210,37 @@ def test_cancelled_put_stores_nothing(served: Daemon) -> None:
         # the server is fine afterwards, and the same bytes upload normally
         resp = stub.Put(iter([rb.BlobChunk(data=first), rb.BlobChunk(data=second)]), timeout=30)
         assert resp.digest == blake3.blake3(first + second).digest()
+
+
+def test_cancelled_directory_put_stores_nothing(debug_daemon: Daemon) -> None:
+    """A Directory Put stream cancelled after a leaf and its parent were sent: once the server
+    is done with the call, neither is stored (a graph is stored whole or not at all)."""
+    leaf = Directory(files=(FileNode(b"f", B3Digest.of(b""), 0),))
+    parent = Directory(directories=(leaf.as_node(b"leaf"),))
+    sent = threading.Event()
+    release = threading.Event()
+
+    def requests() -> Iterator[castore_pb2.Directory]:
+        yield castore_pb2.Directory.FromString(leaf.encoded)
+        yield castore_pb2.Directory.FromString(parent.encoded)
+        sent.set()
+        release.wait(30)
+
+    with grpc.insecure_channel(debug_daemon.address) as ch:
+        stub = rdg.DirectoryServiceStub(ch)
+        fut = stub.Put.future(requests(), timeout=30)
+        assert sent.wait(10)
+        fut.cancel()
+        release.set()
+        assert fut.cancelled()
+        debug_daemon.wait_log("Put: cancelled by the client")
+        for d in (leaf, parent):
+            with pytest.raises(grpc.RpcError) as ei:
+                list(stub.Get(rd.GetDirectoryRequest(digest=bytes(d.digest)), timeout=10))
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Put(
+            iter([castore_pb2.Directory.FromString(x.encoded) for x in (leaf, parent)])
+        ).root_digest == bytes(parent.digest)
 
 
 # --- the client backend ------------------------------------------------------------------
@@ -310,14 +361,16 @@ def all_calls(store: Store) -> dict[str, object]:
     }
 
 
-def test_unreachable_port_is_unavailable_quickly() -> None:
+def test_unreachable_port_is_unavailable_without_waiting_for_the_deadline() -> None:
+    """A refused connection is an answer: no call waits for its (long) deadline."""
     port = free_port()
-    with open_store(f"grpc+http://127.0.0.1:{port}", timeout=5) as store:
+    deadline = 60.0
+    with open_store(f"grpc+http://127.0.0.1:{port}", timeout=deadline) as store:
         for name, call in all_calls(store).items():
             t0 = time.monotonic()
             with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}"):
                 call()  # type: ignore[operator]
-            assert time.monotonic() - t0 < 3, name
+            assert time.monotonic() - t0 < deadline / 2, name
 
 
 @pytest.mark.slow
@@ -348,7 +401,7 @@ def test_silent_server_is_unavailable_within_timeout() -> None:
                 with pytest.raises(UnavailableError, match=f"127.0.0.1:{port}"):
                     call()  # type: ignore[operator]
                 took = time.monotonic() - t0
-                assert took < timeout * 6 + 1, f"{name} took {took:.2f} s"
+                assert took < timeout * 6 + GUARANTEE_SLACK, f"{name} took {took:.2f} s"  # ≤ CalculateNAR's deadline
         assert held, "the client never connected"
     finally:
         stop.set()
@@ -486,15 +539,16 @@ def test_stalled_stream_is_unavailable_within_timeout() -> None:
     blobs.stalling = True
     server, addr = serve_inprocess(blobs)
     try:
-        with open_store(f"grpc+http://{addr}", timeout=1) as store:
+        timeout = 1.0
+        with open_store(f"grpc+http://{addr}", timeout=timeout) as store:
             t0 = time.monotonic()
             with pytest.raises(UnavailableError, match="no progress"):
                 store.blobs.read_chunk(d)
-            assert time.monotonic() - t0 < 3
+            assert time.monotonic() - t0 < timeout + GUARANTEE_SLACK  # the idle timeout holds
             t0 = time.monotonic()
             with pytest.raises(UnavailableError):
                 store.blobs.put(b"x" * (20 * MiB))  # server never reads: flow control stalls the upload
-            assert time.monotonic() - t0 < 4
+            assert time.monotonic() - t0 < timeout + GUARANTEE_SLACK
     finally:
         blobs.release.set()
         server.stop(0)

@@ -64,6 +64,7 @@ MOUNT_COUNTERS = (
     "single_flight_joins",
     "prefetch_hints",
     "readahead_chunks",
+    "readahead_pending",
     "store_calls",
 )
 

@@ -240,6 +240,7 @@ class ReadPath:
                 continue
             self._readaheads += 1
             self.counters.add("readahead_chunks")
+            self.counters.add("readahead_pending")
             self._background.start_soon(self._read_ahead_one, c, blob)
 
     async def _read_ahead_one(self, c: ChunkMeta, blob: B3Digest) -> None:
@@ -249,3 +250,4 @@ class ReadPath:
             log.debug("read-ahead of chunk %s failed: %s", c.digest.hex(), e)
         finally:
             self._readaheads -= 1
+            self.counters.add("readahead_pending", -1)

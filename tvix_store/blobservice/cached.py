@@ -28,7 +28,9 @@ Policy (docs/cache.md):
 
 Counters: `chunks_fetched`, `bytes_fetched`, `cache_hits`, `cache_misses`, `prefetch_hits`,
 `prefetch_started`, `prefetch_dropped`, `single_flight_joins`, `verify_failures`,
-`cache_corrupt`, `in_flight`, `meta_hits`, `meta_fetched`.
+`cache_corrupt`, `in_flight`, `meta_hits`, `meta_fetched`; and two gauges that say when the
+background work is done: `prefetch_pending` (prefetches queued or running), `write_pending`
+(fetched chunks not yet written to `near`).
 
 Not here: Directories and PathInfos (their own `cached` modules), the bound (the object layer),
 the wiring (`tvix_store.compose`).
@@ -73,6 +75,8 @@ COUNTER_NAMES = (
     "in_flight",
     "meta_hits",
     "meta_fetched",
+    "prefetch_pending",
+    "write_pending",
 )
 
 
@@ -91,8 +95,9 @@ class _WriteBehind:
     """Verified chunks queued for `near.put_chunk` by one writer thread, served from memory
     until written; at most `limit` bytes queued (`put` waits for room)."""
 
-    def __init__(self, near: BlobService, limit: int = WRITE_BEHIND_BYTES) -> None:
+    def __init__(self, near: BlobService, counters: Counters, limit: int = WRITE_BEHIND_BYTES) -> None:
         self._near = near
+        self._counters = counters
         self._limit = limit
         self._cond = threading.Condition()
         self._queue: deque[tuple[B3Digest, bytes]] = deque()
@@ -111,6 +116,7 @@ class _WriteBehind:
             self.unwritten[digest] = data
             self._queue.append((digest, data))
             self._bytes += len(data)
+            self._counters.add("write_pending")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tvix-cache-write", daemon=True)
                 self._thread.start()
@@ -134,6 +140,7 @@ class _WriteBehind:
                     self.unwritten.pop(digest, None)
                     self._bytes -= len(data)
                     self._busy = False
+                    self._counters.add("write_pending", -1)
                     self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
@@ -152,6 +159,7 @@ class _WriteBehind:
             log.warning("cache close: %d chunks not written", len(self._queue))
         with self._cond:
             self._stop = True
+            self._counters.add("write_pending", -len(self._queue))
             self._queue.clear()
             self._cond.notify_all()
         if self._thread is not None:
@@ -190,7 +198,7 @@ class CachedBlobService(BlobService):
         self._queued = 0
         self._max_queued = prefetch_queue
         self._pool = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="tvix-prefetch")
-        self._writes = _WriteBehind(near)
+        self._writes = _WriteBehind(near, self.counters)
         # verified chunks fetched by prefetch, waiting for their first read (saves a disk read + hash)
         self._ready: OrderedDict[B3Digest, bytes] = OrderedDict()
         self._ready_used = 0
@@ -325,15 +333,23 @@ class CachedBlobService(BlobService):
                     continue
                 self._queued += 1
             self.counters.add("prefetch_started")
+            self.counters.add("prefetch_pending")
             try:
                 self._pool.submit(self._prefetch_one, d, fl)
             except RuntimeError:  # pool shut down
                 with self._lock:
                     self._queued -= 1
+                self.counters.add("prefetch_pending", -1)
                 self._flights.finish(d, fl, error=UnavailableError("cache closed"))
                 return
 
     def _prefetch_one(self, digest: B3Digest, fl: Flight[bytes | None]) -> None:
+        try:
+            self._prefetch_flight(digest, fl)
+        finally:
+            self.counters.add("prefetch_pending", -1)
+
+    def _prefetch_flight(self, digest: B3Digest, fl: Flight[bytes | None]) -> None:
         with self._lock:
             self._queued -= 1
         if not self._flights.start(digest, fl):

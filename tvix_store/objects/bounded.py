@@ -149,6 +149,8 @@ class BoundedObjectStore(ObjectStore):
             written = self.inner.put(key, data, replace=replace)
         finally:
             self._settle(key, charge, written)
+        if written:
+            self.inner.touch(key)  # the newest use, in the inner store's own order
         return written
 
     def stage(self, data: bytes | bytearray | memoryview) -> Staged:

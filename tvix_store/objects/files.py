@@ -6,7 +6,7 @@ Layout (version 1; `KIND/NAME` keys of `tvix_store.objects`):
     ROOT/TVIX-STORE                 marker: "tvix-store local store, layout 1"
     ROOT/<kind>/<2 chars>/<name>    an object whose name is 64 hex characters (sharded)
     ROOT/<kind>/<name>              any other name (path infos: nixbase32)
-    ROOT/tmp/<pid>.<random>.<n>     files being written (never read as objects)
+    ROOT/tmp/<pidns>.<pid>.<random>.<n>  files being written (never read as objects)
     ROOT/LOCK                       flock'ed by the owner of an exclusive store (a cache)
 
 Writes: an object is written to a fresh file in `tmp/` and renamed into place (atomic on
@@ -22,8 +22,9 @@ renames. `exclusive=True` (a cache, whose size accounting must be exact) takes t
 flock; a second process then gets a read-only view (`writable` False: puts are dropped).
 
 Temp files of killed writers are removed on open: in an exclusive store all of them (the
-owner is the only writer), else those older than an hour whose writer (the pid in the
-name) no longer runs here.
+owner is the only writer), else those whose writer (the pid in the name) no longer runs, when
+it ran in this PID namespace (named in the file too); a file of another namespace (a
+container sharing the directory) only once it is an hour old.
 
 Not here: verification (the services hash what they read), eviction (`bounded`).
 """
@@ -56,6 +57,14 @@ MAX_ADVISED = 4096
 ADVISE_THREADS = 4
 
 
+def _pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), 0 if unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -81,11 +90,12 @@ class FileObjectStore(ObjectStore):
         self.fsync = fsync
         self._root = str(root)
         self._tmp = os.path.join(self._root, "tmp")
-        self._prefix = f"{os.getpid()}.{secrets.token_hex(6)}."
+        self._prefix = f"{_pid_namespace()}.{os.getpid()}.{secrets.token_hex(6)}."
         self._seq = 0
         self._lock = threading.Lock()
         self._lock_fd = -1
         self._advised = 0
+        self._last_touch = 0
         self._advise_pool: ThreadPoolExecutor | None = None
         try:
             self._open(exclusive)
@@ -133,22 +143,31 @@ class FileObjectStore(ObjectStore):
         self.clean_tmp(0.0 if exclusive else STALE_TMP_AGE, check_pid=not exclusive)
 
     def clean_tmp(self, max_age: float = STALE_TMP_AGE, check_pid: bool = True) -> int:
-        """Remove temp files of dead writers older than `max_age` seconds; returns how many."""
+        """Remove temp files of dead writers (see the module docstring); returns how many.
+
+        With `check_pid` False every temp file older than `max_age` goes (an exclusive owner)."""
         now = time.time()
+        ns = _pid_namespace()
         removed = 0
         try:
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:
             return 0
         for e in entries:
+            parts = e.name.split(".")
             try:
-                pid = int(e.name.split(".", 1)[0])
+                pidns, pid = (int(parts[0]), int(parts[1])) if len(parts) == 4 else (-1, -1)
             except ValueError:
-                pid = -1
+                pidns, pid = -1, -1
             try:
-                if max_age and now - e.stat(follow_symlinks=False).st_mtime < max_age:
-                    continue
-                if check_pid and pid > 0 and _pid_alive(pid):
+                age = now - e.stat(follow_symlinks=False).st_mtime
+                if check_pid:
+                    ours = pidns == ns and ns != 0
+                    if ours and _pid_alive(pid):
+                        continue  # a live writer
+                    if not ours and age < max_age:
+                        continue  # a writer we cannot see: only once it is old
+                elif age < max_age:
                     continue
                 os.unlink(e.path)
                 removed += 1
@@ -295,10 +314,15 @@ class FileObjectStore(ObjectStore):
         return True
 
     def touch(self, key: str) -> None:
+        """Stamp `key`'s mtime with a strictly increasing time of this process (nanoseconds), so
+        uses in quick succession keep their order on disk (the kernel's own "now" is coarse)."""
         if not self.writable:
             return
+        with self._lock:
+            self._last_touch = max(time.time_ns(), self._last_touch + 1)
+            t = self._last_touch
         try:
-            os.utime(self.path(key))
+            os.utime(self.path(key), ns=(t, t))
         except OSError:
             pass
 

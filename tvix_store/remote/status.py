@@ -52,6 +52,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     if isinstance(exc, grpc.RpcError):
         # Raised by a request iterator whose client cancelled: grpc handles it quietly.
+        log.debug("%s: cancelled by the client, nothing stored", rpc)
         raise exc
     code, msg = status_for(exc)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
