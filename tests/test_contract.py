@@ -75,6 +75,22 @@ def test_blob_reader_seek_and_partial_reads(store: Store) -> None:
     assert r.read(10) == b""
 
 
+def test_batch_methods_answer_in_order(store: Store) -> None:
+    """`put_many` and `has_many` do what the single calls do, in order; `read_many` answers each
+    once (in any order), absent blobs as such (a remote keeps the calls in flight together)."""
+    blobs = [blob(n) for n in (0, 1, len(HELLO), 100_000)] + [random_bytes(3000 + i, seed=i) for i in range(70)]
+    digests = store.blobs.put_many(blobs)
+    assert digests == [B3Digest.of(b) for b in blobs]
+    absent = [B3Digest.of(b"absent %d" % i) for i in range(3)]
+    asked = [digests[3], absent[0], *digests[4:], absent[1], digests[0], absent[2]]
+    assert store.blobs.has_many(asked) == [d not in absent for d in asked]
+    got = list(store.blobs.read_many(asked))
+    assert sorted(d for d, _ in got) == sorted(asked)
+    by_digest = dict(zip(digests, blobs, strict=True))
+    for d, data in got:
+        assert data == (None if d in absent else by_digest[d])
+
+
 def test_blob_absent_is_none(store: Store) -> None:
     d = B3Digest.of(b"not in any store")
     assert store.blobs.chunks(d) is None

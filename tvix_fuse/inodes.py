@@ -51,6 +51,9 @@ class FileData:
     chunks: list[ChunkMeta] | None = None
     #: offsets[i] = byte offset of chunks[i] in the blob (cumulative sizes), for bisect
     offsets: list[int] | None = None
+    #: where it was last looked up in a tree: (parent inode, its name there); the walk-order
+    #: read-ahead starts there when it is read
+    seen_at: tuple[int, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +70,8 @@ class DirData:
     size: int = 0
     children: list[Node] | None = None
     by_name: dict[bytes, Node] | None = None
+    #: its name in its parent (tree directories; for the walk-order read-ahead)
+    name: bytes = b""
 
     def populate(self, directory: Directory) -> None:
         nodes = directory.nodes()
@@ -182,4 +187,4 @@ def node_spec(node: Node, parent: int) -> tuple[bytes, Factory]:
         )
     if isinstance(node, SymlinkNode):
         return symlink_key(node.target), lambda: SymlinkData(node.target)
-    return dir_key(parent, node.name), lambda: DirData(parent, node.digest, "tree", node.size)
+    return dir_key(parent, node.name), lambda: DirData(parent, node.digest, "tree", node.size, name=node.name)

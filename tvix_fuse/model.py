@@ -15,6 +15,7 @@ handles and xattrs; the virtual directories are `tvix_fuse.views`, file reads
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
@@ -32,6 +33,7 @@ from tvix_fuse.views import LONG_TTL, DirHandle, VirtualDirs
 from tvix_store.core.castore import Directory, Node
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError
+from tvix_store.readahead import Position, WalkAhead, walk_files
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
 from tvix_store.util.singleflight import SingleFlight
@@ -65,6 +67,7 @@ MOUNT_COUNTERS = (
     "prefetch_hints",
     "readahead_chunks",
     "readahead_pending",
+    "walk_hints",
     "store_calls",
 )
 
@@ -124,6 +127,11 @@ class FsModel:
         self._fhs = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
+        self._background: trio.Nursery | None = None
+        #: remote stores get the walk-order read-ahead (locally it would only cost CPU)
+        self._remote = store.blobs.capabilities.is_remote
+        self.walk = WalkAhead()
+        self._walking = False
 
     @property
     def chunk_cache(self) -> ChunkBuffer:
@@ -132,6 +140,7 @@ class FsModel:
 
     def start_background(self, nursery: trio.Nursery | None) -> None:
         """Enable read-ahead tasks in `nursery` (the mount's); None disables them."""
+        self._background = nursery
         self.readpath.start_background(nursery)
 
     # --- inodes and attributes -------------------------------------------------------
@@ -194,7 +203,10 @@ class FsModel:
         child = children.get(name)
         if child is None:
             raise NoEntry(LONG_TTL)
-        return self._taken(self.inodes.intern(*node_spec(child, parent)))
+        node = self.inodes.intern(*node_spec(child, parent))
+        if isinstance(node.data, FileData):
+            node.data.seen_at = (parent, name)
+        return self._taken(node)
 
     # --- tree directories ----------------------------------------------------------------
 
@@ -242,7 +254,57 @@ class FsModel:
         h = self._files.get(fh)
         if h is None:
             raise BadHandle(f"unknown file handle {fh}")
+        f = h.inode.data
+        if h.ahead is None and isinstance(f, FileData) and f.seen_at is not None and self._remote:
+            self._walk_ahead(f)  # the first read of a file in a tree
         return await self.readpath.read(h, off, size)
+
+    # --- the walk-order read-ahead (remote stores) -------------------------------------
+
+    def _walk_ahead(self, f: FileData) -> None:
+        """Start (in the background) the read-ahead of the small files that follow `f` in walk
+        order (`tvix_store.readahead.WalkAhead`). One at a time: a read while one runs skips it."""
+        assert f.seen_at is not None
+        if self._background is None or self._walking or not 0 < f.size <= self.walk.small:
+            return
+        parent, name = f.seen_at
+        stack = self._walk_stack(parent, name)
+        if not stack:
+            return
+        self._walking = True
+        self._background.start_soon(self._walk_ahead_task, (stack[-1][0], name), stack)
+
+    def _walk_stack(self, ino: int, name: bytes) -> list[tuple[B3Digest, list[Node], int]]:
+        """The walk position just after `name` in tree directory `ino`, up to the tree's top."""
+        stack: list[tuple[B3Digest, list[Node], int]] = []
+        while True:
+            node = self.inodes.get(ino)
+            if node is None or not isinstance(node.data, DirData):
+                break
+            d = node.data
+            if d.role != "tree" or d.children is None or d.digest is None:
+                break
+            stack.append((d.digest, d.children, bisect.bisect_right(d.children, name, key=lambda n: n.name)))
+            if not d.name:
+                break
+            ino, name = d.parent, d.name
+        stack.reverse()
+        return stack
+
+    async def _walk_ahead_task(self, pos: Position, stack: list[tuple[B3Digest, list[Node], int]]) -> None:
+        def subdir(digest: B3Digest) -> list[Node] | None:
+            d = self.store.directories.get(digest)
+            return None if d is None else d.nodes()
+
+        try:
+            hints = await self.offload.run(self.walk.after, pos, lambda: walk_files(stack, subdir))
+            if hints:
+                self.counters.add("walk_hints", len(hints))
+                self.store.blobs.prefetch([n.digest for n in hints])
+        except Exception as e:  # a hint: the reads themselves will see any real error
+            log.debug("walk-order read-ahead failed: %s", e)
+        finally:
+            self._walking = False
 
     # --- directories -----------------------------------------------------------------
 

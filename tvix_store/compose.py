@@ -36,8 +36,9 @@ from tvix_store.util.counters import Counters
 
 log = logging.getLogger("tvix_store")
 
-#: `--cache-size` when not given
+#: `--cache-size` when not given: of a cache directory, of the in-memory cache of a mount
 DEFAULT_CACHE_SIZE = 10 << 30
+DEFAULT_MEMORY_CACHE_SIZE = 256 << 20
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -111,12 +112,15 @@ def open_store(
     cache_size: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     fail_fast: bool | None = None,
+    memory_cache: bool = False,
 ) -> Store:
     """Build the store the URLs name (see the module docstring). Raises ValidationError for a
     bad URL or option, StoreError if a backend cannot be opened (nothing is left open then).
 
     `fail_fast` (default: with a cache) puts a circuit breaker in front of every remote, for
-    long-lived clients (`tvix_store.remote.channel`)."""
+    long-lived clients (`tvix_store.remote.channel`). `memory_cache`: without `cache_dir`, put
+    the remote services behind the same cache in memory (`cache_size`, default
+    DEFAULT_MEMORY_CACHE_SIZE), so a mount fetches each object once and ahead of its readers."""
     base = url or default_url()
     urls = {"blobs": blob_url or base, "directories": directory_url or base, "pathinfos": pathinfo_url or base}
     counters = Counters()
@@ -140,6 +144,8 @@ def open_store(
         store = Store(blobs, dirs, infos, url=_describe(urls), counters=counters)
         if cache_dir is not None:
             store = with_cache(store, Path(cache_dir), cache_size, timeout=timeout)
+        elif memory_cache and store.is_remote:
+            store = with_cache(store, None, cache_size, timeout=timeout)
         return store
     except BaseException:
         for svc in reversed(made):
@@ -175,28 +181,37 @@ def _adopt_old_cache(root: Path) -> None:
     vf.unlink()
 
 
-def with_cache(far: Store, cache_dir: Path, cache_size: int | None, *, timeout: float = DEFAULT_TIMEOUT) -> Store:
+def with_cache(
+    far: Store, cache_dir: Path | None, cache_size: int | None, *, timeout: float = DEFAULT_TIMEOUT
+) -> Store:
     """`far`'s remote services behind cache combinators over one bounded object store in
-    `cache_dir` (`cache_size` bytes, default DEFAULT_CACHE_SIZE). ValidationError if no service
-    is remote. The returned Store owns `far`."""
+    `cache_dir` (`cache_size` bytes, default DEFAULT_CACHE_SIZE), or in memory when `cache_dir`
+    is None (default DEFAULT_MEMORY_CACHE_SIZE). ValidationError if no service is remote. The
+    returned Store owns `far`."""
     from tvix_store.blobservice.cached import CachedBlobService
     from tvix_store.blobservice.objects import ObjectBlobService
     from tvix_store.directoryservice.cached import CachedDirectoryService
     from tvix_store.directoryservice.objects import ObjectDirectoryService
+    from tvix_store.objects import ObjectStore
     from tvix_store.objects.bounded import BoundedObjectStore
     from tvix_store.objects.files import FileObjectStore
+    from tvix_store.objects.memory import MemoryObjectStore
     from tvix_store.pathinfoservice.cached import CachedPathInfoService
     from tvix_store.pathinfoservice.objects import ObjectPathInfoService
 
     if not far.is_remote:
         raise ValidationError(f"--cache-dir only applies to a remote store, not {far.url!r}")
     counters = far.counters
-    _adopt_old_cache(cache_dir)
-    files = FileObjectStore(cache_dir, exclusive=True)
+    inner: ObjectStore
+    if cache_dir is None:
+        inner, default = MemoryObjectStore(), DEFAULT_MEMORY_CACHE_SIZE
+    else:
+        _adopt_old_cache(cache_dir)
+        inner, default = FileObjectStore(cache_dir, exclusive=True), DEFAULT_CACHE_SIZE
     try:
-        near = BoundedObjectStore(files, DEFAULT_CACHE_SIZE if cache_size is None else cache_size, counters)
+        near = BoundedObjectStore(inner, default if cache_size is None else cache_size, counters)
     except BaseException:
-        files.close()
+        inner.close()
         raise
     blobs, dirs, infos = far.blobs, far.directories, far.pathinfos
     near_blobs = ObjectBlobService(near)

@@ -1,10 +1,11 @@
-"""The one read-ahead policy: which chunks of a blob to fetch ahead of a reader.
+"""The one read-ahead policy: what to fetch ahead of a reader — the chunks of one blob
+(`ReadAhead`), and the small files of a tree read in walk order (`WalkAhead`).
 
-Used by every sequential consumer of blob data: the mount's file reads (`tvix_fuse.readpath`),
-blob readers (`BlobService.open_read`: `blob cat`, the gRPC server's Read) and NAR rendering
+Used by every consumer of blob data: the mount's file reads (`tvix_fuse.readpath`), blob
+readers (`BlobService.open_read`: `blob cat`, the gRPC server's Read) and NAR rendering
 (`tvix_store.nar`, the nar-bridge). What "fetching ahead" does is the backend's business
-(`BlobService.prefetch`: a remote cache starts background fetches; a local store ignores it);
-this module only decides *what*, and does no I/O.
+(`BlobService.prefetch`: a remote cache starts background fetches, many in flight; a local
+store ignores it); this module only decides *what*, and does no I/O of its own.
 
 Policy (per reader, over one blob's chunk list):
 - A read of `[off, end)` continues a run when `off` is where the previous read ended; any other
@@ -17,14 +18,27 @@ Policy (per reader, over one blob's chunk list):
   of the run up to `maximum` (8 MiB). Each chunk is handed out once per run.
 - Stop rule: a seek, or the end of the blob. The policy never asks for more than `maximum`
   bytes beyond what the reader has asked for.
+
+Policy for trees (`WalkAhead`, one per mount): `find | xargs cat`, `tar`, `cp -r`, `rsync` and
+`diff -r` read a tree's files one after the other in walk order (depth first, each
+directory's entries by name, a subdirectory's files at its place). When a small file (≤
+`small`) is read, the small files that follow it in that order are fetched ahead, up to
+`budget` bytes (4 MiB) and `max_files` (1024) past the reader, refilled once half of it is
+consumed. A read of a file that is not among those (the reader went elsewhere) starts over
+from there. Listing or stat-ing a tree fetches no file data (`ls -lR` moves metadata only);
+a single small-file read moves at most the budget.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from tvix_store.core.castore import DirectoryNode, FileNode, Node
 from tvix_store.core.chunks import ChunkMeta, chunk_offsets
+from tvix_store.core.digest import B3Digest
 
 INITIAL_WINDOW = 1 << 20
 MAX_WINDOW = 8 << 20
@@ -113,3 +127,86 @@ class ReadAhead:
             return Ahead(stop, stop, True)
         self._hinted = stop - 1
         return Ahead(start, stop, True)
+
+
+# --- trees: small files in walk order ------------------------------------------------------
+
+WALK_BUDGET = 4 << 20
+WALK_MAX_FILES = 1024
+SMALL_FILE = 256 << 10
+
+#: a position in a walk: (the containing Directory's digest, the entry's name)
+Position = tuple[B3Digest, bytes]
+
+
+def walk_files(
+    stack: list[tuple[B3Digest, list[Node], int]], get: Callable[[B3Digest], list[Node] | None]
+) -> Iterator[tuple[Position, FileNode]]:
+    """Continue a depth-first walk in `find` order from `stack` (the path from the top, each
+    level: a Directory's digest, its entries by name, the index of its next entry), yielding
+    each file with its position. `get(digest)` gives a subdirectory's entries by name (None:
+    unavailable, skipped)."""
+    dirs = [(d, nodes) for d, nodes, _ in stack]
+    nxt = [i for _, _, i in stack]  # the next entry's index, per level
+    while dirs:
+        d, nodes = dirs[-1]
+        i = nxt[-1]
+        if i >= len(nodes):
+            dirs.pop()
+            nxt.pop()
+            continue
+        nxt[-1] = i + 1
+        n = nodes[i]
+        if isinstance(n, FileNode):
+            yield (d, n.name), n
+        elif isinstance(n, DirectoryNode):
+            sub = get(n.digest)
+            if sub is not None:
+                dirs.append((n.digest, sub))
+                nxt.append(0)
+
+
+class WalkAhead:
+    """The walk-order read-ahead of one mount (see the module docstring). Not thread-safe: one
+    caller at a time (the mount serialises it)."""
+
+    def __init__(self, budget: int = WALK_BUDGET, max_files: int = WALK_MAX_FILES, small: int = SMALL_FILE) -> None:
+        self.budget = budget
+        self.max_files = max_files
+        self.small = small
+        self._walk: Iterator[tuple[Position, FileNode]] | None = None
+        self._ahead: deque[tuple[Position, int]] = deque()  # hinted, not yet read: (position, size)
+        self._hinted: set[Position] = set()  # the positions in `_ahead`
+        self._bytes = 0
+
+    def after(self, pos: Position, walk: Callable[[], Iterator[tuple[Position, FileNode]]]) -> list[FileNode]:
+        """The reader reads the file at `pos`: the files to fetch ahead now (maybe none).
+        `walk()` starts the walk right after `pos` (called only when the reader went elsewhere)."""
+        if pos in self._hinted:  # on the predicted path: what was hinted before it is consumed
+            while self._ahead:
+                p, size = self._ahead.popleft()
+                self._hinted.discard(p)
+                self._bytes -= size
+                if p == pos:
+                    break
+        else:  # somewhere else: start over from here
+            self._walk = walk()
+            self._ahead.clear()
+            self._hinted.clear()
+            self._bytes = 0
+        if self._walk is None or self._bytes > self.budget // 2 or len(self._ahead) > self.max_files // 2:
+            return []
+        out = []
+        while self._bytes < self.budget and len(self._ahead) < self.max_files:
+            nxt = next(self._walk, None)
+            if nxt is None:
+                self._walk = None
+                break
+            p, node = nxt
+            if not 0 < node.size <= self.small or p in self._hinted:
+                continue
+            self._ahead.append((p, node.size))
+            self._hinted.add(p)
+            self._bytes += node.size
+            out.append(node)
+        return out

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import BinaryIO
 
 from tvix_store.core.capabilities import LOCAL, Capabilities
 from tvix_store.core.chunks import ChunkMeta, chunk_offsets
 from tvix_store.core.digest import B3Digest, Hasher, new_hasher
-from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, UnavailableError
 from tvix_store.readahead import ReadAhead
 
 
@@ -84,6 +84,27 @@ class BlobService(ABC):
 
     def has(self, digest: B3Digest) -> bool:
         return self.chunks(digest) is not None
+
+    def read_many(self, digests: Sequence[B3Digest]) -> Iterator[tuple[B3Digest, bytes | None | StoreError]]:
+        """`read_chunk` of many, each answered once, in any order (as they complete):
+        `(digest, bytes)`, `(digest, None)` if absent, `(digest, error)` if that one failed. A
+        backend that can keep many reads in flight does (a remote: about one round trip for the
+        batch, not one each). An unavailable remote ends the iteration with UnavailableError."""
+        for d in digests:
+            try:
+                yield d, self.read_chunk(d)
+            except UnavailableError:
+                raise
+            except StoreError as e:
+                yield d, e
+
+    def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """`has` of many (a remote keeps the calls in flight together)."""
+        return [self.has(d) for d in digests]
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """`put` of many blobs held in memory (a remote keeps the uploads in flight together)."""
+        return [self.put(b) for b in blobs]
 
     def size(self, digest: B3Digest) -> int | None:
         cs = self.chunks(digest)

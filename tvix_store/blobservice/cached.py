@@ -20,9 +20,11 @@ Policy (docs/cache.md):
   thread (at most `WRITE_BEHIND_BYTES`; a fetch waits when more is queued); until written it
   is served from memory. So a reader never waits for the disk.
 - Concurrency: concurrent misses for one chunk share one fetch (`tvix_store.util.singleflight`);
-  `prefetch` starts background fetches on a bounded pool and never blocks; a read of a chunk
-  whose prefetch is still queued takes the fetch over instead of waiting behind the queue.
-  Prefetched chunks are kept in memory (≤ `ready_bytes`) until their first read.
+  `prefetch` queues background fetches (FIFO, bounded) and never blocks; a few workers fetch
+  the queue in batches, each batch with one `far.read_many` (a remote keeps the whole batch
+  in flight: one round trip for many chunks, not one each); a read of a chunk whose prefetch
+  is still queued takes the fetch over instead of waiting behind the queue. Prefetched chunks
+  are kept in memory (≤ `ready_bytes`) until their first read.
 - Failure: while `far` is down (`far.available()` False) prefetch hints are ignored and
   misses fail fast (the remote's breaker); hits keep working.
 
@@ -176,8 +178,9 @@ class CachedBlobService(BlobService):
         *,
         counters: Counters | None = None,
         timeout: float = 10.0,
-        prefetch_workers: int = 6,
-        prefetch_queue: int = 64,
+        prefetch_workers: int = 4,
+        prefetch_queue: int = 4096,
+        batch: int = 16,
         ready_bytes: int = 64 << 20,
     ) -> None:
         """`timeout`: the remote's call deadline (bounds how long a reader waits for a fetch
@@ -195,8 +198,11 @@ class CachedBlobService(BlobService):
         self._flights: SingleFlight[B3Digest, bytes | None] = SingleFlight(
             on_join=lambda: self.counters.add("single_flight_joins")
         )
-        self._queued = 0
+        self._queue: deque[tuple[B3Digest, Flight[bytes | None]]] = deque()
         self._max_queued = prefetch_queue
+        self._batch = batch
+        self._workers = 0
+        self._max_workers = prefetch_workers
         self._pool = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="tvix-prefetch")
         self._writes = _WriteBehind(near, self.counters)
         # verified chunks fetched by prefetch, waiting for their first read (saves a disk read + hash)
@@ -292,16 +298,21 @@ class CachedBlobService(BlobService):
         self.counters.add("in_flight")
         try:  # `in_flight` drops only once the counters of this fetch are final
             data = far_call(self.counters, "data", self.far.read_chunk, digest)
-            if data is None:
-                return None
-            if self._verify_far and blake3_of(data) != digest:
-                self.counters.add("verify_failures")
-                log.error("remote sent chunk %s with wrong bytes (%d bytes): rejected", digest.hex(), len(data))
-                raise IntegrityError(f"chunk {digest.hex()} from the remote does not match its digest")
-            self.counters.add("chunks_fetched")
-            self.counters.add("bytes_fetched", len(data))
+            return self._accept(digest, data)
         finally:
             self.counters.add("in_flight", -1)
+
+    def _accept(self, digest: B3Digest, data: bytes | None) -> bytes | None:
+        """Check what `far` answered for `digest` (IntegrityError if wrong), count it, queue it
+        for `near`."""
+        if data is None:
+            return None
+        if self._verify_far and blake3_of(data) != digest:
+            self.counters.add("verify_failures")
+            log.error("remote sent chunk %s with wrong bytes (%d bytes): rejected", digest.hex(), len(data))
+            raise IntegrityError(f"chunk {digest.hex()} from the remote does not match its digest")
+        self.counters.add("chunks_fetched")
+        self.counters.add("bytes_fetched", len(data))
         self._writes.put(digest, data)
         return data
 
@@ -317,59 +328,108 @@ class CachedBlobService(BlobService):
     # --- prefetch --------------------------------------------------------------------------
 
     def prefetch(self, digests: list[B3Digest]) -> None:
-        """Start background fetches of these chunks (bounded queue and pool); never blocks.
-        Skips chunks cached, already in flight, or while `far` is down."""
+        """Queue background fetches of these chunks, in this order (FIFO, at most
+        `prefetch_queue` queued); never blocks. Skips chunks cached, already queued or in
+        flight, and everything while `far` is down. Up to `prefetch_workers` batches of up to
+        `batch` chunks are fetched at once, each with one `far.read_many` (a remote keeps the
+        whole batch in flight)."""
         if self._closed or not self.far.available():
             return
+        start = False
         for d in digests:
             if d in self._ready or d in self._writes.unwritten or d in self._flights or self.near.has(d):
                 continue
             with self._lock:
-                if self._queued >= self._max_queued:
+                if len(self._queue) >= self._max_queued:
                     self.counters.add("prefetch_dropped")
-                    return
+                    break
                 fl, owner = self._flights.claim(d, start=False)
                 if not owner:
                     continue
-                self._queued += 1
-            self.counters.add("prefetch_started")
-            self.counters.add("prefetch_pending")
-            try:
-                self._pool.submit(self._prefetch_one, d, fl)
-            except RuntimeError:  # pool shut down
-                with self._lock:
-                    self._queued -= 1
-                self.counters.add("prefetch_pending", -1)
-                self._flights.finish(d, fl, error=UnavailableError("cache closed"))
-                return
+                self._queue.append((d, fl))
+                self.counters.add("prefetch_started")
+                self.counters.add("prefetch_pending")
+                if self._workers < self._max_workers:
+                    self._workers += 1
+                    start = True
+            if start:
+                start = False
+                try:
+                    self._pool.submit(self._prefetch_loop)
+                except RuntimeError:  # pool shut down
+                    with self._lock:
+                        self._workers -= 1
+                    return
 
-    def _prefetch_one(self, digest: B3Digest, fl: Flight[bytes | None]) -> None:
-        try:
-            self._prefetch_flight(digest, fl)
-        finally:
-            self.counters.add("prefetch_pending", -1)
-
-    def _prefetch_flight(self, digest: B3Digest, fl: Flight[bytes | None]) -> None:
+    def _next_batch(self) -> list[tuple[B3Digest, Flight[bytes | None]]]:
+        """Up to `batch` queued flights nobody took over; empty when the queue is (the worker ends)."""
         with self._lock:
-            self._queued -= 1
-        if not self._flights.start(digest, fl):
-            return  # a reader took it over
+            batch: list[tuple[B3Digest, Flight[bytes | None]]] = []
+            while self._queue and len(batch) < self._batch:
+                d, fl = self._queue.popleft()
+                if self._flights.start(d, fl):
+                    batch.append((d, fl))
+                else:
+                    self.counters.add("prefetch_pending", -1)  # a reader took it over
+            if not batch:
+                self._workers -= 1
+            return batch
+
+    def _prefetch_loop(self) -> None:
+        while batch := self._next_batch():
+            try:
+                self._prefetch_batch(batch)
+            finally:
+                self.counters.add("prefetch_pending", -len(batch))
+
+    def _prefetch_batch(self, batch: list[tuple[B3Digest, Flight[bytes | None]]]) -> None:
+        todo: dict[B3Digest, Flight[bytes | None]] = {}
+        for d, fl in batch:  # filled meanwhile (a reader fetched it)?
+            data = self._local(d)
+            if data is not None:
+                self._flights.finish(d, fl, data)
+            else:
+                todo[d] = fl
+        if not todo:
+            return
         if self._closed or not self.far.available():
-            self._flights.finish(digest, fl, error=UnavailableError("prefetch skipped: the remote is down"))
+            err = UnavailableError("prefetch skipped: the remote is down")
+            for d, fl in todo.items():
+                self._flights.finish(d, fl, error=err)
             return
+        self.counters.add("in_flight", len(todo))
         try:
-            data = self._run_flight(digest, fl, foreground=False)
-        except Exception as e:  # the reader that wants it will see the error itself
-            log.debug("prefetch of chunk %s failed: %s", digest.hex(), e)
+            for d, res in self.far.read_many(list(todo)):
+                fl = todo.pop(d)
+                self.counters.add("in_flight", -1)
+                try:
+                    if isinstance(res, StoreError):
+                        raise res
+                    data = self._accept(d, res)
+                except StoreError as e:  # the reader that wants it will see the error itself
+                    log.debug("prefetch of chunk %s failed: %s", d.hex(), e)
+                    self._flights.finish(d, fl, error=e)
+                    continue
+                self._flights.finish(d, fl, data)
+                if data is not None:
+                    self._keep_ready(d, data)
+        except Exception as e:  # the remote went away mid-batch: the rest fails with it
+            log.debug("prefetch batch failed: %s", e)
+            for d, fl in todo.items():
+                self._flights.finish(d, fl, error=e)
+        finally:
+            self.counters.add("in_flight", -len(todo))
+
+    def _keep_ready(self, digest: B3Digest, data: bytes) -> None:
+        if len(data) > self._ready_max:
             return
-        if data is not None and len(data) <= self._ready_max:
-            with self._lock:
-                if digest not in self._ready:
-                    self._ready[digest] = data
-                    self._ready_used += len(data)
-                while self._ready_used > self._ready_max:
-                    _, old = self._ready.popitem(last=False)
-                    self._ready_used -= len(old)
+        with self._lock:
+            if digest not in self._ready:
+                self._ready[digest] = data
+                self._ready_used += len(data)
+            while self._ready_used > self._ready_max:
+                _, old = self._ready.popitem(last=False)
+                self._ready_used -= len(old)
 
     # --- readers, writers, listing ---------------------------------------------------------
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import grpc
 
 from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.core.capabilities import REMOTE
 from tvix_store.core.chunks import ChunkMeta
-from tvix_store.core.digest import EMPTY_DIGEST, B3Digest, new_hasher
+from tvix_store.core.digest import EMPTY_DIGEST, B3Digest, blake3_of, new_hasher
 from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, ValidationError
 from tvix_store.protocol import wire
 from tvix_store.protocol.g1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
@@ -35,6 +35,8 @@ from tvix_store.remote.channel import Remote
 PUT_MESSAGE_SIZE = 1 << 20
 #: Messages a blob writer buffers ahead of the network (so at most ~8 MiB in flight).
 PUT_QUEUE_DEPTH = 8
+#: Calls the batch methods (`read_many`, `has_many`, `put_many`) keep in flight at once.
+WINDOW = 64
 _SIZE_CACHE_ENTRIES = 4096
 
 
@@ -107,6 +109,73 @@ class GrpcBlobService(BlobService):
         if h.digest() != digest:
             raise IntegrityError(f"chunk {digest.hex()} from {self._r.name} does not hash to its digest")
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_many(self, digests: Sequence[B3Digest]) -> Iterator[tuple[B3Digest, bytes | None | StoreError]]:
+        """Up to WINDOW Reads in flight at once (each ≤ the deadline), answered as they complete;
+        each answer verified."""
+        t = self._r.timeout
+
+        def read(d: B3Digest) -> Callable[[grpc.aio.Channel], Awaitable[bytes]]:
+            async def call(ch: grpc.aio.Channel) -> bytes:
+                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+                parts = [m.data async for m in stub.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=bytes(d)), timeout=t)]
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+            return call
+
+        for i, res in self._r.many([read(d) for d in digests], lambda i: f"Read {digests[i].hex()}", WINDOW):
+            d = digests[i]
+            if isinstance(res, bytes) and blake3_of(res) != d:
+                res = IntegrityError(f"chunk {d.hex()} from {self._r.name} does not hash to its digest")
+            yield d, res
+
+    def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """Up to WINDOW Stats in flight at once."""
+        t = self._r.timeout
+
+        def stat(d: B3Digest) -> Callable[[grpc.aio.Channel], Awaitable[object]]:
+            def call(ch: grpc.aio.Channel) -> Awaitable[object]:
+                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+                return stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=bytes(d)), timeout=t)
+
+            return call
+
+        out = [False] * len(digests)
+        for i, res in self._r.many([stat(d) for d in digests], lambda i: f"Stat {digests[i].hex()}", WINDOW):
+            if isinstance(res, StoreError):
+                raise res
+            out[i] = res is not None
+        return out
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Up to WINDOW Puts in flight at once; each digest the remote answers is checked."""
+        local = [B3Digest(blake3_of(b)) for b in blobs]
+        t = self._r.timeout
+
+        def put(b: bytes) -> Callable[[grpc.aio.Channel], Awaitable[object]]:
+            def call(ch: grpc.aio.Channel) -> Awaitable[object]:
+                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+                view = memoryview(b)
+                msgs = [
+                    rpc_blobstore_pb2.BlobChunk(data=bytes(view[off : off + PUT_MESSAGE_SIZE]))
+                    for off in range(0, len(b), PUT_MESSAGE_SIZE)
+                ]
+                return stub.Put(iter(msgs), timeout=t + len(b) / (1 << 20))
+
+            return call
+
+        for i, res in self._r.many([put(b) for b in blobs], lambda i: f"Put {local[i].hex()}", WINDOW):
+            if res is None or isinstance(res, StoreError):
+                raise res or StoreError(f"remote store {self._r.name} (Put): not found")
+            try:
+                got = wire.digest_from_proto(res.digest, "digest returned by Put")
+            except ValidationError as e:
+                raise IntegrityError(f"remote store {self._r.name}: {e}") from None
+            if got != local[i]:
+                raise IntegrityError(
+                    f"remote store {self._r.name} stored {got.hex()}, but the bytes sent hash to {local[i].hex()}"
+                )
+        return local
 
     def open_write(self) -> BlobWriter:
         return _GrpcBlobWriter(self._r, self._stub)

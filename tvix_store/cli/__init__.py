@@ -90,13 +90,19 @@ def _add_store(p: argparse.ArgumentParser, cache: bool = False) -> None:
         "--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="deadline of remote calls (default 10)"
     )
     if cache:
-        p.add_argument("--cache-dir", metavar="DIR", help="persistent local cache in front of a grpc+… store")
-        p.add_argument("--cache-size", type=_size_arg, metavar="BYTES", help="bound of the cache (suffixes K/M/G)")
+        p.add_argument("--cache-dir", metavar="DIR", help="persistent local cache in front of the remote services")
+        p.add_argument(
+            "--cache-size",
+            type=_size_arg,
+            metavar="BYTES",
+            help="bound of the cache (suffixes K/M/G; default 10G on disk, 256M in memory without --cache-dir)",
+        )
 
 
 def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) -> Store:
     """The store the common options name (see `tvix_store.compose.open_store`); `long_lived`
-    (a mount, a daemon): remotes fail fast while known to be down."""
+    (a mount, a daemon): remotes fail fast while known to be down, and without `--cache-dir`
+    they sit behind an in-memory cache."""
     from tvix_store.compose import open_store
 
     return open_store(
@@ -108,6 +114,7 @@ def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) 
         cache_size=getattr(args, "cache_size", None),
         timeout=args.timeout,
         fail_fast=long_lived,
+        memory_cache=long_lived,
     )
 
 

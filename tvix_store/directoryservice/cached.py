@@ -58,7 +58,6 @@ class CachedDirectoryService(DirectoryService):
             log.warning("cannot cache directory %s: %s", d.digest.hex(), e)
 
     def _reject(self, requested: str, d: Directory) -> IntegrityError:
-        self.counters.add("verify_failures")
         log.error("remote sent directory %s when asked for %s: rejected", d.digest.hex(), requested)
         return IntegrityError(f"remote sent directory {d.digest.hex()} when asked for {requested}")
 
@@ -70,33 +69,41 @@ class CachedDirectoryService(DirectoryService):
         if d is None:
             return None
         if d.digest != digest:
+            self.counters.add("verify_failures")
             raise self._reject(digest.hex(), d)
         self._keep(d)
         return d
 
     def get_recursive(self, digest: B3Digest) -> Iterator[Directory]:
-        """From `near` when the whole closure is there, else in one call to `far` (verified)."""
+        """From `near` when the whole closure is there, else in one call to `far`, each Directory
+        verified (it must be the root or referenced by one received before) and kept as it
+        arrives: a hole in the closure (NotFoundError at the end) loses nothing received."""
         local = self._cached_closure(digest)
         if local is not None:
             yield from local
             return
-        received = far_call(self.counters, "directory", lambda: list(self.far.get_recursive(digest)))
         expected = {digest}
         seen: set[B3Digest] = set()
-        for d in received:
-            dg = d.digest
-            if dg not in expected:
-                raise self._reject(f"a directory in the closure of {digest.hex()}", d)
-            seen.add(dg)
-            expected.update(c.digest for c in d.directories)
-        if received and expected - seen:
+        try:
+            for d in self.far.get_recursive(digest):
+                dg = d.digest
+                if dg not in expected:
+                    raise self._reject(f"a directory in the closure of {digest.hex()}", d)
+                if dg in seen:
+                    continue
+                seen.add(dg)
+                expected.update(c.digest for c in d.directories)
+                self._keep(d)
+                yield d
+        except IntegrityError as e:
+            self.counters.add("verify_failures")
+            log.error("remote directory closure of %s failed verification: %s", digest.hex(), e)
+            raise
+        if seen and expected - seen:
             missing = next(iter(expected - seen))
             raise NotFoundError(
                 f"directory {missing.hex()} (in the closure of {digest.hex()}) is missing on the remote"
             )
-        for d in received:
-            self._keep(d)
-        yield from received
 
     def _cached_closure(self, digest: B3Digest) -> list[Directory] | None:
         root = self._cached(digest)

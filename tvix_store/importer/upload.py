@@ -1,5 +1,7 @@
 """Settling an import's blobs into a store: ask before sending ("stat before put"), stream big
-files while they are read, send small files in batches from a thread pool.
+files while they are read, send small files in batches (`has_many`, then `put_many` of what is
+missing: against a remote, each batch's calls are in flight together), several batches at
+once from a thread pool.
 
 `Uploader` is used by the walk (`tvix_store.importer.walk`) for big files, as it reaches them,
 and by `import_path` for the small files after the walk. Every blob is uploaded only if
@@ -148,15 +150,19 @@ class Uploader:
                 raise
 
     def _settle(self, batch: list[Pending]) -> None:
+        """One batch: which blobs the store lacks (`has_many`: one round trip against a remote),
+        then those uploaded together (`put_many`), each checked against its digest."""
         blobs = self.store.blobs
-        for job in batch:
-            if blobs.has(job.digest):
-                continue
+        present = blobs.has_many([job.digest for job in batch])
+        missing = [job for job, have in zip(batch, present, strict=True) if not have]
+        datas = []
+        for job in missing:
             data = job.data
             if data is None:
                 with open(open_nofollow(job.path), "rb", closefd=True) as f:
                     data = f.read(job.size + 1)
-            got = blobs.put(data)
+            datas.append(data)
+        for job, got in zip(missing, blobs.put_many(datas), strict=True):
             if got != job.digest:
                 raise StoreError(f"{show(job.path)}: file changed while being imported")
             self._count(job.size)

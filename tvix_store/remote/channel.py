@@ -22,6 +22,10 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
 - No retries here: a failed call is reported; the breaker and the callers decide.
 
+- Many calls at once (`many`): a second, asyncio channel on a loop thread of its own keeps
+  up to `window` calls in flight without a thread per call (the sync API starts a thread
+  for every client-streaming call): batch Stat, Put and Read of small objects.
+
 Counters: `timeouts` (calls failed as unavailable), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
 what they receive).
@@ -29,9 +33,11 @@ what they receive).
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -156,6 +162,8 @@ class Remote:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._closed = False
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aio_channel: grpc.aio.Channel | None = None
 
     def _probe(self) -> None:
         """Any answer of the health service (even an error status) means the remote is up."""
@@ -236,6 +244,90 @@ class Remote:
             self.watchdog.release(w)
             call.cancel()
 
+    # --- many calls in flight: an asyncio channel on a loop thread of its own ------------------
+
+    def _aio(self) -> tuple[asyncio.AbstractEventLoop, grpc.aio.Channel]:
+        """The asyncio loop and channel of batch calls (started on first use)."""
+        with self._lock:
+            if self._closed:
+                raise UnavailableError(f"remote store {self.name}: closed")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()
+                self._loop = loop
+                self._aio_channel = asyncio.run_coroutine_threadsafe(self._open_aio(), loop).result()
+            assert self._aio_channel is not None
+            return self._loop, self._aio_channel
+
+    async def _open_aio(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+
+    def many(
+        self,
+        calls: Sequence[Callable[[grpc.aio.Channel], Awaitable[Any]]],
+        what: Callable[[int], str],
+        window: int = 64,
+    ) -> Iterator[tuple[int, Any]]:
+        """Run many calls at once, up to `window` in flight, without a thread per call: each
+        `calls[i](channel)` is a coroutine making one call (with its deadline) on the batch
+        channel. Answered as they complete: `(i, result)`, `(i, None)` for NOT_FOUND, or
+        `(i, error)`. An unavailable remote ends the batch with UnavailableError (opening the
+        breaker); so does closing the iterator early: the calls still running are cancelled."""
+        if not calls:
+            return
+        self.check()
+        loop, channel = self._aio()
+        results: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+
+        async def run_all() -> None:
+            sem = asyncio.Semaphore(window)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    try:
+                        results.put((i, await calls[i](channel)))
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() is grpc.StatusCode.NOT_FOUND:
+                            results.put((i, None))
+                        else:
+                            results.put((i, e))
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - reported to the caller as that call's failure
+                        results.put((i, StoreError(f"remote store {self.name} ({what(i)}): {e}")))
+
+            await asyncio.gather(*(one(i) for i in range(len(calls))))
+
+        fut = asyncio.run_coroutine_threadsafe(run_all(), loop)
+        try:
+            for _ in range(len(calls)):
+                try:
+                    i, res = results.get(timeout=self.timeout * 3 + 5)
+                except queue.Empty:
+                    err = UnavailableError(f"remote store {self.name} unavailable ({what(0)}…): no answer in time")
+                    self.counters.add("timeouts")
+                    if self.breaker is not None:
+                        self.breaker.trip(err)
+                    raise err from None
+                if isinstance(res, grpc.aio.AioRpcError):
+                    res = self._aio_error(res, what(i))
+                    if isinstance(res, UnavailableError):
+                        raise res
+                yield i, res
+        finally:
+            fut.cancel()
+
+    def _aio_error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
+        code, details = e.code(), e.details()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"no answer within the deadline ({details})"
+        err = error_from_status(code, details, self.name, what)
+        if isinstance(err, UnavailableError):
+            self.counters.add("timeouts")
+            if self.breaker is not None:
+                self.breaker.trip(err)
+        return err
+
     def client_stream(self, method: Any, requests: Iterable[Any], what: str) -> Any:
         """Send a request stream under the idle watchdog; return the response."""
         self.check()
@@ -265,3 +357,11 @@ class Remote:
             self.breaker.close()
         self.watchdog.close()
         self.channel.close()
+        loop, channel = self._loop, self._aio_channel
+        if loop is not None:
+            if channel is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(channel.close(), loop).result(timeout=5)
+                except Exception:  # noqa: BLE001, S110 - closing anyway
+                    pass
+            loop.call_soon_threadsafe(loop.stop)
