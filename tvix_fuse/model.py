@@ -25,18 +25,18 @@ from typing import NoReturn
 
 import trio
 
+from tvix_fuse.directories import Directories
 from tvix_fuse.errors import BadHandle, NoAttribute, NoEntry, NotADirectory, ReadOnly
 from tvix_fuse.inodes import ROOT_INO, DirData, Factory, FileData, Inode, InodeTable, SymlinkData, node_spec
 from tvix_fuse.offload import DEFAULT_THREADS, Offloader
 from tvix_fuse.readpath import DEFAULT_BUFFER_BYTES, ChunkBuffer, FileHandle, ReadPath
 from tvix_fuse.views import LONG_TTL, DirHandle, VirtualDirs
-from tvix_store.core.castore import Directory, Node
+from tvix_store.core.castore import Node
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError
 from tvix_store.readahead import Position, WalkAhead, walk_files
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
-from tvix_store.util.singleflight import SingleFlight
 
 log = logging.getLogger("tvix_fuse")
 
@@ -68,6 +68,7 @@ MOUNT_COUNTERS = (
     "readahead_chunks",
     "readahead_pending",
     "walk_hints",
+    "closure_directories",
     "store_calls",
 )
 
@@ -93,6 +94,8 @@ class DirEntry:
     key: bytes = b""
     make: Factory | None = None
     counted: bool = True
+    #: the tree directory it is listed in (0: elsewhere), for the walk-order read-ahead
+    parent: int = 0
 
 
 class FsModel:
@@ -111,11 +114,9 @@ class FsModel:
         self.counters = Counters(MOUNT_COUNTERS)
         self.offload = Offloader(threads, self.counters)
         self.readpath = ReadPath(store.blobs, self.offload, self.counters, cache_bytes)
-        self._directories: SingleFlight[B3Digest, Directory | None] = SingleFlight(
-            on_join=lambda: self.counters.add("single_flight_joins")
-        )
+        self.dirs = Directories(store.directories, self.offload, self.counters)
         self.inodes = InodeTable()
-        self.views = VirtualDirs(store, self.offload, self.inodes, self.readpath, self._directory)
+        self.views = VirtualDirs(store, self.offload, self.inodes, self.readpath, self.dirs.get)
         if store_root:
             self.inodes.add_fixed(ROOT_INO, b"/root", DirData(ROOT_INO, role="store"))
         else:
@@ -129,7 +130,7 @@ class FsModel:
         self._dirs: dict[int, DirHandle] = {}
         self._background: trio.Nursery | None = None
         #: remote stores get the walk-order read-ahead (locally it would only cost CPU)
-        self._remote = store.blobs.capabilities.is_remote
+        self._remote = store.is_remote
         self.walk = WalkAhead()
         self._walking = False
 
@@ -197,7 +198,11 @@ class FsModel:
                 raise NoEntry(LONG_TTL)
             return self._taken(self._inode(ino))
         if role != "tree":
-            return self._taken(await self.views.lookup(role, parent, name))
+            node = await self.views.lookup(role, parent, name)
+            d = node.data
+            if role == "store" and self._remote and isinstance(d, DirData) and d.digest is not None:
+                self.dirs.fetch_closure(d.digest, self._background)  # everything below: no round trips
+            return self._taken(node)
         # a directory of a tree: immutable, so an absent name may be cached for long
         children = await self._populate(pdir)
         child = children.get(name)
@@ -210,14 +215,11 @@ class FsModel:
 
     # --- tree directories ----------------------------------------------------------------
 
-    async def _directory(self, digest: B3Digest) -> Directory | None:
-        return await self._directories.arun(digest, lambda: self.offload.run(self.store.directories.get, digest))
-
     async def _populate(self, d: DirData) -> dict[bytes, Node]:
         """A tree directory's entries, fetching its Directory on first use (sparse → populated)."""
         if d.by_name is None:
             assert d.digest is not None
-            directory = await self._directory(d.digest)
+            directory = await self.dirs.get(d.digest)
             if directory is None:
                 raise NotFoundError(f"directory {d.digest.hex()} is missing from the store")
             if d.by_name is None:
@@ -346,7 +348,7 @@ class FsModel:
             assert d.children is not None
             for pos, child in enumerate(d.children[i : i + READDIR_BATCH], i):
                 key, make = node_spec(child, node.ino)
-                out.append(DirEntry(child.name, pos + 3, key=key, make=make))
+                out.append(DirEntry(child.name, pos + 3, key=key, make=make, parent=node.ino))
             return out
         if h.listing is None or start == 0:
             await self.views.snapshot(h)
@@ -364,7 +366,10 @@ class FsModel:
         if e.ino:
             return self.attr_of(self._inode(e.ino))
         assert e.make is not None
-        return self.attr_of(self.inodes.intern(e.key, e.make))
+        node = self.inodes.intern(e.key, e.make)
+        if e.parent and isinstance(node.data, FileData):
+            node.data.seen_at = (e.parent, e.name)  # readdirplus: the kernel may never look it up
+        return self.attr_of(node)
 
     def entry_taken(self, e: DirEntry, ino: int) -> None:
         """The kernel accepted the entry (readdirplus): it holds a lookup reference now."""

@@ -13,7 +13,6 @@ goes through the `Offloader`. No pyfuse3; the tree directories are the model's.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,13 +21,11 @@ from tvix_fuse.errors import NoEntry
 from tvix_fuse.inodes import DirData, Factory, FileData, Inode, InodeTable, dir_key, file_key, node_spec
 from tvix_fuse.offload import Offloader
 from tvix_fuse.readpath import ReadPath
-from tvix_store.core.castore import Directory, DirectoryNode, Node
+from tvix_store.core.castore import Directory, Node
 from tvix_store.core.digest import B3Digest
-from tvix_store.core.errors import NotFoundError, StoreError, ValidationError
+from tvix_store.core.errors import ValidationError
 from tvix_store.core.pathinfo import StorePath
 from tvix_store.store import Store
-
-log = logging.getLogger("tvix_fuse")
 
 #: entry/attr timeout of everything that exists (content is immutable)
 LONG_TTL = 86400.0
@@ -86,7 +83,6 @@ class VirtualDirs:
         self.inodes = inodes
         self.readpath = readpath
         self._directory = directory
-        self._closures: set[B3Digest] = set()  # roots whose closure was fetched
 
     async def lookup(self, role: str, parent: int, name: bytes) -> Inode:
         """The inode `name` is in the virtual directory `parent` of `role` (not yet referenced)."""
@@ -119,32 +115,7 @@ class VirtualDirs:
         info = await self.offload.run(self.store.pathinfos.get, sp.digest)
         if info is None or info.node is None or info.node.name != name:
             raise NoEntry(SHORT_NEGATIVE_TTL)
-        if isinstance(info.node, DirectoryNode) and self.store.directories.capabilities.is_remote:
-            await self._closure(info.node.digest)
         return self.inodes.intern(*node_spec(info.node, parent))
-
-    async def _closure(self, root: B3Digest) -> None:
-        """A remote store path's whole Directory closure in one recursive call, kept by the
-        store's cache: every listing and look-up below it then costs no round trip. A hole (a
-        Directory the remote lacks) stays an error of that directory only."""
-        if root in self._closures:
-            return
-
-        def fetch() -> int:
-            n = 0
-            try:
-                for _ in self.store.directories.get_recursive(root):
-                    n += 1
-            except NotFoundError as e:
-                log.warning("store path closure %s has a hole: %s", root.hex(), e)
-            return n
-
-        try:
-            await self.offload.run(fetch)
-        except StoreError as e:  # the look-up itself succeeded: the directories are fetched one by one later
-            log.debug("closure of %s not fetched: %s", root.hex(), e)
-            return
-        self._closures.add(root)
 
     async def snapshot(self, h: DirHandle) -> None:
         """Take the listing of a virtual directory."""

@@ -93,8 +93,8 @@ class CachedDirectoryService(DirectoryService):
                     continue
                 seen.add(dg)
                 expected.update(c.digest for c in d.directories)
+                yield d  # the caller first, then the cache
                 self._keep(d)
-                yield d
         except IntegrityError as e:
             self.counters.add("verify_failures")
             log.error("remote directory closure of %s failed verification: %s", digest.hex(), e)

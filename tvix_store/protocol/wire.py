@@ -44,13 +44,19 @@ def symlink_node_from_proto(m: castore_pb2.SymlinkNode) -> SymlinkNode:
 
 
 def directory_from_proto(m: castore_pb2.Directory) -> Directory:
-    """Convert and validate (names, order, uniqueness, targets, digest lengths)."""
+    """Convert and validate (names, order, uniqueness, targets, digest lengths).
+
+    The Directory's canonical encoding (what its digest hashes) is taken from the protobuf
+    library's deterministic serialization of the message without unknown fields (C speed),
+    which equals `Directory.encoded` for every valid Directory (a test checks that)."""
     d = Directory(
         tuple(directory_node_from_proto(x) for x in m.directories),
         tuple(file_node_from_proto(x) for x in m.files),
         tuple(symlink_node_from_proto(x) for x in m.symlinks),
     )
     d.validate()
+    m.DiscardUnknownFields()
+    d.__dict__["encoded"] = m.SerializeToString(deterministic=True)
     return d
 
 
@@ -67,11 +73,8 @@ def _snode(n: SymlinkNode) -> castore_pb2.SymlinkNode:
 
 
 def directory_to_proto(d: Directory) -> castore_pb2.Directory:
-    return castore_pb2.Directory(
-        directories=[_dnode(n) for n in d.directories],
-        files=[_fnode(n) for n in d.files],
-        symlinks=[_snode(n) for n in d.symlinks],
-    )
+    """The message of a Directory: its canonical encoding parsed by the protobuf library (C speed)."""
+    return castore_pb2.Directory.FromString(d.encoded)
 
 
 def node_from_proto(m: pathinfo_pb2.Node) -> Node:

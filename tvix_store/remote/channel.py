@@ -174,6 +174,17 @@ class Remote:
             if isinstance(err, UnavailableError):
                 raise err from None
 
+    def connect(self, timeout: float | None = None) -> None:
+        """Open both channels now (the call channel and the batch channel), so the first calls
+        do not pay for the connection; UnavailableError if the remote does not answer in time."""
+        t = self.timeout if timeout is None else timeout
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=t)
+            loop, channel = self._aio()
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(channel.channel_ready(), t), loop).result(t + 1)
+        except (grpc.FutureTimeoutError, TimeoutError):
+            raise UnavailableError(f"remote store {self.name} unavailable: no connection within {t:g} s") from None
+
     @property
     def is_down(self) -> bool:
         return self.breaker is not None and self.breaker.is_down
