@@ -128,7 +128,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
 def idle(mnt: Path, timeout: float = 30) -> None:
     """Wait until the mount's background work is over: no fetch in flight, no prefetch or
     read-ahead pending, nothing waiting to be written to the cache (explicit gauges)."""
-    gauges = ("in_flight", "prefetch_pending", "write_pending", "mount.readahead_pending")
+    gauges = ("in_flight", "prefetch_pending", "write_pending", "mount.readahead_pending", "mount.walk_pending")
     wait_until(lambda: all(stat_counter(mnt, g) == 0 for g in gauges), timeout, "the mount to go idle")
 
 
@@ -563,3 +563,132 @@ def test_a_mount_killed_while_filling_its_cache_leaves_a_consistent_bounded_cach
     rep = verify_objects(FileObjectStore(cache), complete=False)
     assert rep.ok, rep.problems
     assert rep.chunks > 0
+
+
+# --- remote without round trips: calls and bytes counted at a delaying proxy ----------------
+
+
+@pytest.fixture
+def slow(remote: Remote) -> Iterator[TcpProxy]:
+    """The remote behind a link of 10 ms round trip."""
+    remote.restart()
+    with TcpProxy(remote.port, delay=0.005) as px:
+        yield px
+
+
+def walk_read(root: Path) -> dict[str, bytes]:
+    """What `find | xargs cat` does: list everything first, then read the files in that order."""
+    files = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        for n in sorted(names):
+            p = Path(dirpath) / n
+            if not p.is_symlink():
+                files.append(p)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_ls_lr_of_a_store_path_is_two_calls_and_no_data(tmp_path: Path, remote: Remote, slow: TcpProxy) -> None:
+    m = mount(tmp_path, slow.url, tmp_path / "cache")
+    try:
+        slow.reset_counts()
+        out = subprocess.run(["ls", "-lR", str(m.mountpoint / "store" / remote.store_path)], capture_output=True)
+        assert out.returncode == 0 and b"f19.bin" in out.stdout
+        idle(m.mountpoint)
+        assert slow.grpc_calls == 2  # its PathInfo and its whole Directory closure
+        assert stat_counter(m.mountpoint, "chunks_fetched") == 0  # listing fetches no file data
+    finally:
+        m.cleanup()
+
+
+def test_a_tree_read_fetches_each_file_once_ahead_of_the_reader(tmp_path: Path, remote: Remote, slow: TcpProxy) -> None:
+    """`find | xargs cat` over a 10 ms link: every file arrives once, almost all of them fetched
+    ahead by the walk-order read-ahead (read from memory when asked for), and the tree reads back
+    exactly."""
+    m = mount(tmp_path, slow.url, tmp_path / "cache")
+    try:
+        slow.reset_counts()
+        got = walk_read(m.mountpoint / "store" / remote.store_path)
+        assert got == walk_read(remote.tree)
+        idle(m.mountpoint)
+        reads = sum(1 for v in got.values() if v) + 0  # non-empty files need one Read each
+        distinct = len({B3Digest.of(v) for v in got.values() if v})
+        assert slow.grpc_calls <= 2 + distinct + 2, slow.grpc_calls  # path info, closure, a Read per blob
+        assert stat_counter(m.mountpoint, "prefetch_hits") >= distinct - 4, reads
+    finally:
+        m.cleanup()
+
+
+def test_one_small_file_read_moves_at_most_the_read_ahead_budget(
+    tmp_path: Path, remote: Remote, slow: TcpProxy
+) -> None:
+    from tvix_store.readahead import WALK_BUDGET
+
+    big_tree = tmp_path / "many"
+    for d in range(20):
+        (big_tree / f"d{d:02}").mkdir(parents=True)
+        for i in range(40):
+            (big_tree / f"d{d:02}" / f"f{i:02}").write_bytes(random_bytes(12_000, seed=d * 100 + i))
+    sp = cli("import", "--store", remote.daemon.url, str(big_tree)).stdout.decode().strip().rsplit("/", 1)[1]
+    total = 20 * 40 * 12_000
+    assert total > 2 * WALK_BUDGET
+    m = mount(tmp_path, slow.url, tmp_path / "cache")
+    try:
+        root = m.mountpoint / "store" / sp
+        os.listdir(root / "d05")
+        slow.reset_counts()
+        assert (root / "d05" / "f10").read_bytes() == random_bytes(12_000, seed=510)
+        idle(m.mountpoint)
+        assert slow.down <= WALK_BUDGET + 12_000 + (64 << 10), slow.down  # the budget, the file, overhead
+        assert slow.down >= WALK_BUDGET // 2  # and it did read ahead
+    finally:
+        m.cleanup()
+
+
+def test_remote_killed_mid_prefetch_is_eio_within_the_timeout_then_recovers(
+    tmp_path: Path, remote: Remote, slow: TcpProxy
+) -> None:
+    m = mount(tmp_path, slow.url, tmp_path / "cache")
+    try:
+        root = m.mountpoint / "store" / remote.store_path
+        files = sorted(p for p in root.iterdir() if p.name.startswith("f") and p.name.endswith(".bin"))
+        assert files[0].read_bytes() == (remote.tree / files[0].name).read_bytes()  # starts the read-ahead
+        remote.daemon.proc.kill()
+        remote.daemon.proc.wait()
+        failed = 0
+        for p in files[1:]:  # what arrived is served, the rest is EIO within the timeout
+            try:
+                assert p.read_bytes() == (remote.tree / p.name).read_bytes()
+            except OSError as e:
+                assert e.errno == errno.EIO
+                failed += 1
+        expect_eio(
+            lambda: pread_random(m.mountpoint / "blobs" / remote.big_digest.hex(), 33 * MiB, 10),
+            within=TIMEOUT + GUARANTEE_SLACK,
+        )
+        remote.restart()
+        wait_until(lambda: stat_counter(m.mountpoint, "remote_down") == 0, 30, "recovery")
+        for p in files:
+            assert p.read_bytes() == (remote.tree / p.name).read_bytes()
+    finally:
+        m.cleanup()
+        remote.restart()
+
+
+def test_import_over_a_slow_link_gives_the_same_store_path(tmp_path: Path, remote: Remote) -> None:
+    """Into a fresh daemon over a 10 ms link: the store path of a local import; the blobs go up
+    in batches (a Stat and a Put per blob, many in flight); a re-import asks one question."""
+    local = cli("import", "--store", f"local://{tmp_path / 'local'}", str(remote.tree)).stdout
+    d = Daemon(f"local://{tmp_path / 'fresh'}")
+    try:
+        with TcpProxy(int(d.address.rsplit(":", 1)[1]), delay=0.005) as px:
+            assert cli("import", "--store", px.url, str(remote.tree)).stdout == local
+            blobs = len(
+                {B3Digest.of(p.read_bytes()) for p in remote.tree.rglob("*") if p.is_file() and not p.is_symlink()}
+            )
+            assert px.grpc_calls <= 2 * blobs + 4  # Stat + Put per blob, PathInfo Get/Put, one Directory Put
+            px.reset_counts()
+            assert cli("import", "--store", px.url, str(remote.tree)).stdout == local
+            assert px.grpc_calls == 1  # the path info says it is all there
+    finally:
+        d.stop()

@@ -34,7 +34,7 @@ from tvix_fuse.views import LONG_TTL, DirHandle, VirtualDirs
 from tvix_store.core.castore import Node
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError
-from tvix_store.readahead import Position, WalkAhead, walk_files
+from tvix_store.readahead import WalkAhead, walk_files
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
 
@@ -68,6 +68,7 @@ MOUNT_COUNTERS = (
     "readahead_chunks",
     "readahead_pending",
     "walk_hints",
+    "walk_pending",
     "closure_directories",
     "store_calls",
 )
@@ -264,17 +265,23 @@ class FsModel:
     # --- the walk-order read-ahead (remote stores) -------------------------------------
 
     def _walk_ahead(self, f: FileData) -> None:
-        """Start (in the background) the read-ahead of the small files that follow `f` in walk
-        order (`tvix_store.readahead.WalkAhead`). One at a time: a read while one runs skips it."""
+        """Tell the walk-order read-ahead (`tvix_store.readahead.WalkAhead`) where the reader is,
+        and when it wants more, refill it in the background. One refill at a time: a read
+        while one runs is only recorded."""
         assert f.seen_at is not None
-        if self._background is None or self._walking or not 0 < f.size <= self.walk.small:
+        if self._background is None or not 0 < f.size <= self.walk.small:
             return
         parent, name = f.seen_at
-        stack = self._walk_stack(parent, name)
-        if not stack:
+        pnode = self.inodes.get(parent)
+        if pnode is None or not isinstance(pnode.data, DirData) or pnode.data.digest is None:
             return
-        self._walking = True
-        self._background.start_soon(self._walk_ahead_task, (stack[-1][0], name), stack)
+        if not self.walk.at((pnode.data.digest, name)) or self._walking:
+            return
+        stack = self._walk_stack(parent, name)
+        if stack:
+            self._walking = True
+            self.counters.add("walk_pending")
+            self._background.start_soon(self._walk_refill, stack)
 
     def _walk_stack(self, ino: int, name: bytes) -> list[tuple[B3Digest, list[Node], int]]:
         """The walk position just after `name` in tree directory `ino`, up to the tree's top."""
@@ -293,13 +300,13 @@ class FsModel:
         stack.reverse()
         return stack
 
-    async def _walk_ahead_task(self, pos: Position, stack: list[tuple[B3Digest, list[Node], int]]) -> None:
+    async def _walk_refill(self, stack: list[tuple[B3Digest, list[Node], int]]) -> None:
         def subdir(digest: B3Digest) -> list[Node] | None:
             d = self.store.directories.get(digest)
             return None if d is None else d.nodes()
 
         try:
-            hints = await self.offload.run(self.walk.after, pos, lambda: walk_files(stack, subdir))
+            hints = await self.offload.run(self.walk.refill, lambda: walk_files(stack, subdir))
             if hints:
                 self.counters.add("walk_hints", len(hints))
                 self.store.blobs.prefetch([n.digest for n in hints])
@@ -307,6 +314,7 @@ class FsModel:
             log.debug("walk-order read-ahead failed: %s", e)
         finally:
             self._walking = False
+            self.counters.add("walk_pending", -1)
 
     # --- directories -----------------------------------------------------------------
 

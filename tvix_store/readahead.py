@@ -175,13 +175,14 @@ class WalkAhead:
         self.max_files = max_files
         self.small = small
         self._walk: Iterator[tuple[Position, FileNode]] | None = None
+        self._done = False  # the walk of this run reached its end
         self._ahead: deque[tuple[Position, int]] = deque()  # hinted, not yet read: (position, size)
         self._hinted: set[Position] = set()  # the positions in `_ahead`
         self._bytes = 0
 
-    def after(self, pos: Position, walk: Callable[[], Iterator[tuple[Position, FileNode]]]) -> list[FileNode]:
-        """The reader reads the file at `pos`: the files to fetch ahead now (maybe none).
-        `walk()` starts the walk right after `pos` (called only when the reader went elsewhere)."""
+    def at(self, pos: Position) -> bool:
+        """The reader reads the file at `pos`: record it; True if `refill` should run now (cheap,
+        no I/O: call it where blocking is not allowed)."""
         if pos in self._hinted:  # on the predicted path: what was hinted before it is consumed
             while self._ahead:
                 p, size = self._ahead.popleft()
@@ -189,18 +190,24 @@ class WalkAhead:
                 self._bytes -= size
                 if p == pos:
                     break
-        else:  # somewhere else: start over from here
+            return not self._done and self._bytes <= self.budget // 2 and len(self._ahead) <= self.max_files // 2
+        self._walk = None  # somewhere else: start over from here
+        self._done = False
+        self._ahead.clear()
+        self._hinted.clear()
+        self._bytes = 0
+        return True
+
+    def refill(self, walk: Callable[[], Iterator[tuple[Position, FileNode]]]) -> list[FileNode]:
+        """The files to fetch ahead now; `walk()` starts the walk right after the reader's
+        position when a new run starts (it may block: directories are fetched as it goes)."""
+        if self._walk is None:
             self._walk = walk()
-            self._ahead.clear()
-            self._hinted.clear()
-            self._bytes = 0
-        if self._walk is None or self._bytes > self.budget // 2 or len(self._ahead) > self.max_files // 2:
-            return []
         out = []
         while self._bytes < self.budget and len(self._ahead) < self.max_files:
             nxt = next(self._walk, None)
             if nxt is None:
-                self._walk = None
+                self._done = True
                 break
             p, node = nxt
             if not 0 < node.size <= self.small or p in self._hinted:
@@ -210,3 +217,7 @@ class WalkAhead:
             self._bytes += node.size
             out.append(node)
         return out
+
+    def after(self, pos: Position, walk: Callable[[], Iterator[tuple[Position, FileNode]]]) -> list[FileNode]:
+        """`at` and, when due, `refill`: the files to fetch ahead after a read at `pos`."""
+        return self.refill(walk) if self.at(pos) else []
