@@ -67,6 +67,13 @@ SERVER_OPTIONS = [
 ]
 
 
+def _complete(context: grpc.ServicerContext) -> None:
+    """Raise if the call was cancelled by the time its request stream ended: nothing of it may
+    be committed then."""
+    if not context.is_active():
+        raise grpc.RpcError("cancelled by the client before the end of its request stream")
+
+
 class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     def __init__(self, store: Store) -> None:
         self._blobs = store.blobs
@@ -106,12 +113,15 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     def Put(
         self, request_iterator: Iterator[rpc_blobstore_pb2.BlobChunk], context: grpc.ServicerContext
     ) -> rpc_blobstore_pb2.PutBlobResponse:  # noqa: N802, E501
-        # A cancelled upload makes the iterator raise: the writer's context manager aborts it.
+        # A cancelled upload makes the iterator raise: the writer's context manager aborts it
+        # (and a call cancelled as its stream ended is not committed either: `_complete`).
         with self._blobs.open_write() as w:
             for msg in request_iterator:
                 if msg.data:
                     w.write(msg.data)
+            _complete(context)
             digest = w.close()
+        log.debug("Put: stored blob %s", digest.hex())
         return rpc_blobstore_pb2.PutBlobResponse(digest=bytes(digest))
 
 
@@ -150,7 +160,9 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 graph.append(wire.directory_from_proto(msg))
             except ValidationError as e:
                 raise ValidationError(f"directory #{i} of the stream: {e}") from None
+        _complete(context)
         root = self._dirs.put_graph(graph)
+        log.debug("Put: stored %d directories, root %s", len(graph), root.hex())
         return rpc_directory_pb2.PutDirectoryResponse(root_digest=bytes(root))
 
 
