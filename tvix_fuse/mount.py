@@ -33,8 +33,6 @@ log = logging.getLogger("tvix_fuse")
 #: kernel read-ahead of the mount (BDI read_ahead_kb): also the largest read request size.
 #: Local stores: 1 MiB requests (~1.6x the throughput of the default 128 KiB).
 READ_AHEAD_KB = 1024
-#: how long a mount waits for a remote to accept its connection before serving anyway
-CONNECT_TIMEOUT = 5.0
 #: Remote stores: the kernel's read-ahead crosses the wire (a 1 MiB read at a random offset
 #: made it ask for 3 MiB with 1024), so keep it small; the model's own prefetcher, which
 #: stops on random access, provides the sequential throughput instead.
@@ -130,7 +128,6 @@ def run_foreground(
     """
     mp = check_mountpoint(mountpoint)
     check_fuse()
-    _connect(store)
     model = FsModel(store, store_root=store_root)
     ops = Operations(model)
     stop = _Stop()
@@ -150,17 +147,6 @@ def run_foreground(
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
-
-
-def _connect(store: Store) -> None:
-    """Connect to a remote now, so the first reads do not wait for it; a remote that does not
-    answer is logged, and the mount serves what its cache holds (reads of the rest are EIO)."""
-    if not store.is_remote:
-        return
-    try:
-        store.blobs.connect(CONNECT_TIMEOUT)
-    except StoreError as e:
-        log.warning("%s (serving what is cached; the rest is EIO until it answers)", e)
 
 
 def _close(unmount: bool) -> None:

@@ -150,10 +150,6 @@ class BlobService(ABC):
         """False while the backend is known to be unreachable (a remote that is down)."""
         return True
 
-    def connect(self, timeout: float | None = None) -> None:
-        """Open the connections a remote backend needs now, so first reads do not wait for
-        them; UnavailableError if it does not answer. Default: nothing to open."""
-
     def iter_digests(self) -> Iterator[B3Digest]:
         """The blobs this backend can enumerate cheaply (may be none, e.g. a remote)."""
         return iter(())

@@ -449,8 +449,6 @@ class CachedBlobService(BlobService):
     def available(self) -> bool:
         return self.far.available()
 
-    def connect(self, timeout: float | None = None) -> None:
-        self.far.connect(timeout)
 
     def advise(self, digests: list[B3Digest]) -> None:
         self.near.advise(digests)

@@ -183,8 +183,6 @@ class GrpcBlobService(BlobService):
     def available(self) -> bool:
         return not self._r.is_down
 
-    def connect(self, timeout: float | None = None) -> None:
-        self._r.connect(timeout)
 
     def close(self) -> None:
         self._r.close()

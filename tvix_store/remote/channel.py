@@ -34,6 +34,7 @@ what they receive).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 import time
@@ -164,6 +165,8 @@ class Remote:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aio_channel: grpc.aio.Channel | None = None
+        self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
+        self._warming = False
 
     def _probe(self) -> None:
         """Any answer of the health service (even an error status) means the remote is up."""
@@ -173,17 +176,6 @@ class Remote:
             err = self.error(e, "health check")
             if isinstance(err, UnavailableError):
                 raise err from None
-
-    def connect(self, timeout: float | None = None) -> None:
-        """Open both channels now (the call channel and the batch channel), so the first calls
-        do not pay for the connection; UnavailableError if the remote does not answer in time."""
-        t = self.timeout if timeout is None else timeout
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=t)
-            loop, channel = self._aio()
-            asyncio.run_coroutine_threadsafe(asyncio.wait_for(channel.channel_ready(), t), loop).result(t + 1)
-        except (grpc.FutureTimeoutError, TimeoutError):
-            raise UnavailableError(f"remote store {self.name} unavailable: no connection within {t:g} s") from None
 
     @property
     def is_down(self) -> bool:
@@ -214,9 +206,21 @@ class Remote:
         return err
 
     def check(self) -> None:
-        """Raise UnavailableError at once while the remote is known to be down."""
+        """Raise UnavailableError at once while the remote is known to be down. The first call
+        also starts connecting the batch channel in the background (nothing is sent to a remote
+        before something is asked of it; then both connections come up in parallel)."""
         if self.breaker is not None:
             self.breaker.check()
+        if self._loop is None and not self._warming:
+            self._warming = True
+            threading.Thread(target=self._warm, name="grpc-aio-connect", daemon=True).start()
+
+    def _warm(self) -> None:
+        try:
+            loop, channel = self._aio()
+            asyncio.run_coroutine_threadsafe(channel.channel_ready(), loop)
+        except StoreError:
+            pass  # closed meanwhile
 
     def unary(
         self, method: Any, request: Any, what: str, timeout: float | None = None, none_if_absent: bool = True
@@ -307,13 +311,20 @@ class Remote:
                     except Exception as e:  # noqa: BLE001 - reported to the caller as that call's failure
                         results.put((i, StoreError(f"remote store {self.name} ({what(i)}): {e}")))
 
-            await asyncio.gather(*(one(i) for i in range(len(calls))))
+            try:
+                await asyncio.gather(*(one(i) for i in range(len(calls))))
+            finally:
+                results.put((-1, None))  # the end: all answered, or cancelled (closed)
 
         fut = asyncio.run_coroutine_threadsafe(run_all(), loop)
+        with self._lock:
+            self._batches.add(fut)
         try:
             for _ in range(len(calls)):
                 try:
                     i, res = results.get(timeout=self.timeout * 3 + 5)
+                    if i < 0:
+                        raise UnavailableError(f"remote store {self.name}: closed")
                 except queue.Empty:
                     err = UnavailableError(f"remote store {self.name} unavailable ({what(0)}…): no answer in time")
                     self.counters.add("timeouts")
@@ -327,6 +338,8 @@ class Remote:
                 yield i, res
         finally:
             fut.cancel()
+            with self._lock:
+                self._batches.discard(fut)
 
     def _aio_error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
         code, details = e.code(), e.details()
@@ -364,6 +377,9 @@ class Remote:
             if self._closed:
                 return
             self._closed = True
+            batches = list(self._batches)
+        for fut in batches:  # their callers get UnavailableError at once
+            fut.cancel()
         if self.breaker is not None:
             self.breaker.close()
         self.watchdog.close()
