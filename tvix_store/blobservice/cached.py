@@ -449,7 +449,6 @@ class CachedBlobService(BlobService):
     def available(self) -> bool:
         return self.far.available()
 
-
     def advise(self, digests: list[B3Digest]) -> None:
         self.near.advise(digests)
 

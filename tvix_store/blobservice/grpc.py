@@ -183,7 +183,6 @@ class GrpcBlobService(BlobService):
     def available(self) -> bool:
         return not self._r.is_down
 
-
     def close(self) -> None:
         self._r.close()
 
