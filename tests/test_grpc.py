@@ -47,6 +47,7 @@ from tvix_store.protocol.g1 import rpc_directory_pb2 as rd
 from tvix_store.protocol.g1 import rpc_directory_pb2_grpc as rdg
 from tvix_store.remote.status import status_for
 from tvix_store.serve.grpc import BlobServicer, StoreServer
+from tvix_store.serve.limits import StreamGuard
 from tvix_store.store import Store
 
 MiB = 1 << 20
@@ -472,7 +473,7 @@ class _Stalling(MemoryBlobService):
 
 def serve_inprocess(blobs: BlobService) -> tuple[StoreServer, str]:
     base = open_store("memory://")
-    server = StoreServer(Store(blobs, base.directories, base.pathinfos), max_workers=4)
+    server = StoreServer(Store(blobs, base.directories, base.pathinfos), max_streams=4)
     addr = server.bind("127.0.0.1:0")
     server.start()
     return server, addr
@@ -498,7 +499,8 @@ def test_client_treats_unchunked_blob_as_one_chunk() -> None:
     data = os.urandom(2 * MiB + 5)
     d = st.blobs.put(data)
     server = grpc.server(ThreadPoolExecutor(4))
-    rbg.add_BlobServiceServicer_to_server(_UnchunkedServicer(st), server)
+    guard = StreamGuard()
+    rbg.add_BlobServiceServicer_to_server(_UnchunkedServicer(st, guard), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -512,6 +514,7 @@ def test_client_treats_unchunked_blob_as_one_chunk() -> None:
             assert store.blobs.chunks(B3Digest.of(b"")) == []
     finally:
         server.stop(0)
+        guard.close()
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,16 @@ def _size_arg(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be positive")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -159,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", default="127.0.0.1:8000", metavar="ADDR", help="HOST:PORT or unix:/path")
     _add_store(d)
     d.add_argument("--mount", metavar="DIR", help="also mount the store at DIR")
+    d.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="streaming calls served at once; more are refused with RESOURCE_EXHAUSTED (default 128)",
+    )
+    d.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="cancel a streaming call that makes no progress for this long (default 60)",
+    )
     d.set_defaults(func=_lazy("tvix_store.cli.daemon", "run"))
 
     i = sub.add_parser("import", help="ingest paths, print their Nix store paths")

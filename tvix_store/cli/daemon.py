@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     stop = _install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
     try:
-        server = StoreServer(store)
+        server = StoreServer(store, max_streams=args.max_streams, idle_timeout=args.idle_timeout)
         address = server.bind(args.listen)
         server.start()
         try:

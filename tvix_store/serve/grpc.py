@@ -38,6 +38,12 @@ from tvix_store.protocol.g1 import (
     rpc_pathinfo_pb2_grpc,
 )
 from tvix_store.remote.status import map_errors
+from tvix_store.serve.limits import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_STREAMS,
+    StreamGuard,
+    streaming,
+)
 from tvix_store.store import Store
 
 log = logging.getLogger("tvix_store.serve.grpc")
@@ -75,8 +81,9 @@ def _complete(context: grpc.ServicerContext) -> None:
 
 
 class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, guard: StreamGuard) -> None:
         self._blobs = store.blobs
+        self.guard = guard
 
     @map_errors
     def Stat(
@@ -90,6 +97,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             return rpc_blobstore_pb2.BlobMeta()
         return wire.chunks_to_proto(chunks)
 
+    @streaming
     @map_errors
     def Read(
         self, request: rpc_blobstore_pb2.ReadBlobRequest, context: grpc.ServicerContext
@@ -109,6 +117,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             for off in range(0, len(data), MAX_CHUNK_MESSAGE):
                 yield rpc_blobstore_pb2.BlobChunk(data=bytes(view[off : off + MAX_CHUNK_MESSAGE]))
 
+    @streaming
     @map_errors
     def Put(
         self, request_iterator: Iterator[rpc_blobstore_pb2.BlobChunk], context: grpc.ServicerContext
@@ -126,9 +135,11 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
 
 
 class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, guard: StreamGuard) -> None:
         self._dirs = store.directories
+        self.guard = guard
 
+    @streaming
     @map_errors
     def Get(
         self, request: rpc_directory_pb2.GetDirectoryRequest, context: grpc.ServicerContext
@@ -149,6 +160,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
         if not found:
             raise NotFoundError(f"directory {digest.hex()} not found")
 
+    @streaming
     @map_errors
     def Put(
         self, request_iterator: Iterator[castore_pb2.Directory], context: grpc.ServicerContext
@@ -196,28 +208,29 @@ class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
         return rpc_pathinfo_pb2.CalculateNARResponse(nar_size=size, nar_sha256=sha256)
 
 
-def default_workers() -> int:
-    """Thread pool size: each call (streams included) holds a thread while it runs, and clients
-    read chunks in parallel (the cache prefetches); further calls queue, they do not fail."""
-    return max(16, min(64, 8 * (os.cpu_count() or 1)))
-
-
 class StoreServer:
     """A started gRPC server serving one `Store`, with reflection and health checking.
 
     `bind(address)` accepts `HOST:PORT` (port 0: ephemeral) or `unix:/path` and returns
     the real bound address. `stop(grace)` stops accepting, lets in-flight calls finish
-    for up to `grace` seconds, and marks every service NOT_SERVING.
+    for up to `grace` seconds, and marks every service NOT_SERVING. Streaming calls are
+    admitted and watched by a `StreamGuard` (`tvix_store.serve.limits`): `max_streams` at
+    once, each cancelled when idle for `idle_timeout` seconds.
     """
 
-    def __init__(self, store: Store, *, max_workers: int | None = None) -> None:
+    def __init__(
+        self, store: Store, *, max_streams: int = DEFAULT_MAX_STREAMS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ) -> None:
         self.store = store
+        self.guard = StreamGuard(max_streams, idle_timeout)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers or default_workers(), thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
         )
-        rpc_blobstore_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(store), self._server)
-        rpc_directory_pb2_grpc.add_DirectoryServiceServicer_to_server(DirectoryServicer(store), self._server)
+        rpc_blobstore_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(store, self.guard), self._server)
+        rpc_directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
+            DirectoryServicer(store, self.guard), self._server
+        )
         rpc_pathinfo_pb2_grpc.add_PathInfoServiceServicer_to_server(PathInfoServicer(store), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -249,6 +262,7 @@ class StoreServer:
         """Stop accepting calls, wait for in-flight ones (up to `grace` s), then return."""
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self.guard.close()
 
 
 def _probe_bind(host: str, port: int) -> None:

@@ -1,0 +1,81 @@
+"""Hardening of the daemon against slow and hostile clients, with real processes.
+
+Stalled clients (Put streams that send a little and wait, Reads whose answers are never
+taken) cannot lock others out: streaming calls beyond the limit are refused at once with
+RESOURCE_EXHAUSTED, unary calls keep being answered, and a stalled stream is cancelled after
+the idle timeout, storing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Daemon
+from mountutil import wait_until
+
+from tvix_store.compose import open_store
+from tvix_store.core.digest import B3Digest
+from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
+from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
+
+pytestmark = pytest.mark.slow
+
+STALLED = 200
+IDLE = 5.0
+
+
+def test_200_stalled_streams_do_not_starve_other_clients(tmp_path: Path) -> None:
+    d = Daemon(f"local://{tmp_path / 'store'}", extra=("--idle-timeout", str(IDLE)))
+    release = threading.Event()
+    channels = [grpc.insecure_channel(d.address) for _ in range(4)]  # HTTP/2 caps streams per connection
+    try:
+        with open_store(d.url) as s:
+            big = s.blobs.put(os.urandom(16 << 20))  # far more than flow control lets through unread
+            small = s.blobs.put(b"small")
+
+        def stuck_put() -> Iterator[rb.BlobChunk]:
+            yield rb.BlobChunk(data=b"x" * 1000)
+            release.wait(60)
+
+        calls = []
+        for i in range(STALLED):
+            stub = rbg.BlobServiceStub(channels[i % len(channels)])
+            if i % 2:
+                calls.append(stub.Put.future(stuck_put(), timeout=60))
+            else:
+                calls.append(stub.Read(rb.ReadBlobRequest(digest=bytes(big)), timeout=60))  # never read
+        # a well-behaved client meanwhile: every Stat answered, promptly
+        latencies = []
+        with grpc.insecure_channel(d.address) as ch:
+            stub = rbg.BlobServiceStub(ch)
+            for _ in range(200):
+                t = time.monotonic()
+                stub.Stat(rb.StatBlobRequest(digest=bytes(small)), timeout=10)
+                latencies.append(time.monotonic() - t)
+            p99 = statistics.quantiles(latencies, n=100)[98]
+            print(f"Stat p99 with {STALLED} stalled streams: {p99 * 1000:.1f} ms")
+            assert p99 < 2.0, p99  # answered, not queued behind the stalled streams' deadlines
+            # the streams beyond the limit were refused at once, and said why
+            refused = [c for c in calls[-60:] if c.done() and c.code() is grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert refused and "busy" in refused[0].details()
+            # a stalled stream is cancelled after the idle timeout: slots free up, reads work again
+            wait_until(lambda: any("cancelled: no progress" in line for line in d.log), IDLE * 4, "idle cancels")
+            got = b"".join(m.data for m in stub.Read(rb.ReadBlobRequest(digest=bytes(small)), timeout=10))
+            assert got == b"small"
+        for c in calls:  # cancelled while still stalled (never a half-close): nothing of them is stored
+            c.cancel()
+        wait_until(lambda: all(c.done() for c in calls), 10, "the stalled calls to end")
+        with open_store(d.url) as s:
+            assert s.blobs.chunks(B3Digest.of(b"x" * 1000)) is None
+    finally:
+        for ch in channels:
+            ch.close()
+        assert d.stop() == 0
+        release.set()  # only now: a released stream would end normally, and be stored
