@@ -692,3 +692,34 @@ def test_import_over_a_slow_link_gives_the_same_store_path(tmp_path: Path, remot
             assert px.grpc_calls == 1  # the path info says it is all there
     finally:
         d.stop()
+
+
+def test_32_readers_of_a_stalled_remote_all_fail_within_timeout_plus_one_second(
+    tmp_path: Path, remote: Remote, proxy: TcpProxy
+) -> None:
+    """Every read waits at most --timeout + 1 s (a deadline per FUSE request, not per remote
+    call), however many requests queue behind the stalled ones."""
+    m = mount(tmp_path, proxy.url, tmp_path / "cache")
+    try:
+        blob = m.mountpoint / "blobs" / remote.big_digest.hex()
+        assert pread_random(blob, 0, 4096) == remote.big[:4096]  # the chunk list is cached now
+        proxy.mode = "stall"
+        took: list[float] = []
+        errors: list[int] = []
+
+        def reader(i: int) -> None:
+            t = time.monotonic()
+            try:
+                pread_random(blob, (2 + i) * MiB + 17, 64 << 10)
+            except OSError as e:
+                errors.append(e.errno or 0)
+            took.append(time.monotonic() - t)
+
+        with futures.ThreadPoolExecutor(32) as ex:
+            list(ex.map(reader, range(32)))
+        print(f"32 readers of a stalled remote: slowest EIO after {max(took):.2f} s (deadline {TIMEOUT + 1:g} s)")
+        assert errors == [errno.EIO] * 32
+        assert max(took) < TIMEOUT + 1 + GUARANTEE_SLACK
+    finally:
+        proxy.mode = "pass"
+        m.cleanup()

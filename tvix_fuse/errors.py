@@ -49,6 +49,13 @@ class AttributeTooLarge(FsError):
     pass
 
 
+class RequestTimeout(UnavailableError):
+    """A request did not finish within the mount's per-request deadline (EIO)."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__(f"request did not finish within {deadline:g} s")
+
+
 _ERRNO: list[tuple[type[BaseException], int]] = [
     (NoEntry, errno.ENOENT),
     (NotADirectory, errno.ENOTDIR),

@@ -48,6 +48,8 @@ XATTR_BLOB = b"user.tvix.castore.blob.digest"
 XATTR_DIRECTORY = b"user.tvix.castore.directory.digest"
 XATTR_STATS = b"user.tvix.stats."
 
+#: a request's deadline by default: the remote deadline (10 s) and a second more
+DEFAULT_DEADLINE = 11.0
 #: entries per model readdir call (the kernel takes ~25-100 per request)
 READDIR_BATCH = 128
 #: on first use of a tree directory, its files up to this size (at most ADVISE_MAX_FILES of
@@ -109,9 +111,12 @@ class FsModel:
         store_root: bool = False,
         threads: int = DEFAULT_THREADS,
         cache_bytes: int = DEFAULT_BUFFER_BYTES,
+        deadline: float = DEFAULT_DEADLINE,
     ) -> None:
         self.store = store
         self.store_root = store_root
+        #: seconds any request may take before it fails with EIO (the adapter enforces it)
+        self.deadline = deadline
         self.counters = Counters(MOUNT_COUNTERS)
         self.offload = Offloader(threads, self.counters)
         self.readpath = ReadPath(store.blobs, self.offload, self.counters, cache_bytes)

@@ -120,15 +120,17 @@ def run_foreground(
     store_root: bool = False,
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
+    timeout: float = 10.0,
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or SIGINT/SIGTERM (main thread only).
 
     `on_ready()` is called once, on the trio loop, when a stat of the mount root has been
-    answered; it must not block. Raises StoreError if the mount cannot be made.
+    answered; it must not block. `timeout` is the remote's deadline: no request waits longer
+    than it and a second. Raises StoreError if the mount cannot be made.
     """
     mp = check_mountpoint(mountpoint)
     check_fuse()
-    model = FsModel(store, store_root=store_root)
+    model = FsModel(store, store_root=store_root, deadline=timeout + 1.0)
     ops = Operations(model)
     stop = _Stop()
     saved = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}

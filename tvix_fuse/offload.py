@@ -1,7 +1,8 @@
 """`Offloader`: the one way the mount calls the (blocking) store.
 
 `trio.to_thread.run_sync` under ONE shared `trio.CapacityLimiter`, so the trio loop never
-blocks and at most `limit` store calls run at once. No pyfuse3, no filesystem logic.
+blocks and at most `limit` store calls run at once; a request that gives up (its deadline)
+does not wait for its thread. No pyfuse3, no filesystem logic.
 """
 
 from __future__ import annotations
@@ -34,5 +35,8 @@ class Offloader:
         return self._limiter
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` in a worker thread. If the calling request is cancelled (its deadline),
+        the request goes on without waiting: the thread finishes on its own (holding its
+        limiter slot until then) and its result is dropped."""
         self.counters.add("store_calls")
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
-from tvix_fuse.errors import NoEntry, errno_for
+from tvix_fuse.errors import NoEntry, RequestTimeout, errno_for
 from tvix_fuse.model import Attr, FsModel
 
 P = ParamSpec("P")
@@ -25,14 +26,21 @@ BLKSIZE = 128 * 1024
 
 
 def _adapt(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Let only FUSEError leave the handler: any other exception → its errno (errors.py)."""
+    """Let only FUSEError leave the handler: any other exception → its errno (errors.py); and
+    end every request within the model's deadline (`FsModel.deadline`: EIO after it, whatever
+    it waits for: a thread, a fetch another request started, a remote that stalls)."""
 
     @functools.wraps(fn)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        ops = args[0]
+        assert isinstance(ops, Operations)
         try:
-            return await fn(*args, **kwargs)
+            with trio.fail_after(ops.model.deadline):
+                return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except trio.TooSlowError:
+            raise pyfuse3.FUSEError(errno_for(RequestTimeout(ops.model.deadline))) from None
         except Exception as e:
             raise pyfuse3.FUSEError(errno_for(e)) from None
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.mount:
                 if not stop.is_set():
-                    _serve_with_mount(store, address, args.mount)
+                    _serve_with_mount(store, address, args.mount, args.timeout)
             else:
                 log.info("listening on %s (store %s)", address, store.url or args.store)
                 while not stop.wait(1.0):
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_with_mount(store: object, address: str, mountpoint: str) -> None:
+def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: float) -> None:
     """Mount in this (main) thread until unmounted or signalled; `run_foreground` handles the signals."""
     try:
         from tvix_fuse.mount import run_foreground
@@ -62,7 +62,7 @@ def _serve_with_mount(store: object, address: str, mountpoint: str) -> None:
     def ready() -> None:
         log.info("listening on %s (mounted at %s)", address, mountpoint)
 
-    run_foreground(store, mountpoint, on_ready=ready)  # type: ignore[arg-type]
+    run_foreground(store, mountpoint, on_ready=ready, timeout=timeout)  # type: ignore[arg-type]
 
 
 def _install_stop_handlers() -> threading.Event:

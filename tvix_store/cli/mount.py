@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
                 _detach_stderr(detach_to)
             log.info("mounted %s at %s", store.url or "store", mp)
 
-        run_foreground(store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready)
+        run_foreground(
+            store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready, timeout=args.timeout
+        )
     return 0
 
 
