@@ -79,3 +79,35 @@ def test_200_stalled_streams_do_not_starve_other_clients(tmp_path: Path) -> None
             ch.close()
         assert d.stop() == 0
         release.set()  # only now: a released stream would end normally, and be stored
+
+
+def test_undecodable_requests_are_invalid_argument_with_bounded_logs_and_sigterm_still_works(tmp_path: Path) -> None:
+    """Garbage where a message should be: INVALID_ARGUMENT naming the message type, no
+    traceback, at most a few log lines a minute however many arrive; a Put stream made of a
+    valid message followed by garbage stores nothing; SIGTERM afterwards ends the daemon."""
+    d = Daemon(f"local://{tmp_path / 'store'}")
+    try:
+        with grpc.insecure_channel(d.address) as ch:
+            stat = ch.unary_unary("/tvix.store.v1.BlobService/Stat", request_serializer=bytes)
+            put = ch.stream_unary("/tvix.store.v1.BlobService/Put", request_serializer=bytes)
+            for i in range(2000):
+                with pytest.raises(grpc.RpcError) as ei:
+                    stat(b"\xff\xff\xff\xff" + bytes([i % 256]), timeout=10)
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid tvix.store.v1.StatBlobRequest" in ei.value.details()
+            prefix = b"valid prefix " * 100
+            good = rb.BlobChunk(data=prefix).SerializeToString()
+            for _ in range(20):
+                with pytest.raises(grpc.RpcError) as ei:
+                    put(iter([good, b"\xff\x01garbage"]), timeout=10)
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "message #1 of the request stream" in ei.value.details()
+        with open_store(d.url) as s:
+            assert s.blobs.chunks(B3Digest.of(prefix)) is None  # nothing of the failed Puts
+        assert d.stop(timeout=30) == 0  # SIGTERM ends it
+    finally:
+        d.stop()
+    log = "".join(d.log)
+    assert "Traceback" not in log and "Exception deserializing" not in log
+    malformed = [line for line in d.log if "malformed request" in line]
+    assert 1 <= len(malformed) <= 12, len(malformed)  # rate-limited, not one per request

@@ -9,9 +9,11 @@ the gRPC client backends needs protobuf types.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
 from tvix_store.core.castore import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_store.core.chunks import ChunkMeta
@@ -165,3 +167,33 @@ def pathinfo_from_bytes(raw: bytes) -> PathInfo:
 def pathinfo_to_bytes(info: PathInfo) -> bytes:
     """The deterministic protobuf encoding of a PathInfo."""
     return pathinfo_to_proto(info).SerializeToString(deterministic=True)
+
+
+class Malformed:
+    """What the server's request deserializer hands on for bytes that are no valid message
+    (instead of raising inside grpc, which logs a traceback and answers INTERNAL): the servicer
+    side turns it into INVALID_ARGUMENT (`tvix_store.remote.status.map_errors`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def message_class(descriptor: Any) -> type[Any]:
+    """The generated message class of a message descriptor (for handler registration)."""
+    return GetMessageClass(descriptor)
+
+
+def safe_deserializer(message_class: type[Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: a message, or `Malformed`."""
+    parse = message_class.FromString
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as e:
+            return Malformed(f"not a valid {name} message ({len(raw)} bytes): {e}")
+
+    return deserialize

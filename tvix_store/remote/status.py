@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +25,7 @@ from tvix_store.core.errors import (
     UnavailableError,
     ValidationError,
 )
+from tvix_store.protocol.wire import Malformed
 
 log = logging.getLogger("tvix_store.serve.grpc")
 
@@ -66,16 +69,58 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     context.abort(code, msg)
 
 
+def _checked(request: Any, rpc: str) -> Any:
+    """The request, with undecodable messages (`wire.Malformed`) as ValidationError: at once
+    for a single request, at that message for a request stream (so nothing of it is stored)."""
+    if isinstance(request, Malformed):
+        _malformed(rpc, request.error)
+        raise ValidationError(request.error)
+    if isinstance(request, Iterator):
+        return _checked_stream(request, rpc)
+    return request
+
+
+def _checked_stream(requests: Iterator[Any], rpc: str) -> Iterator[Any]:
+    for i, msg in enumerate(requests):
+        if isinstance(msg, Malformed):
+            _malformed(rpc, msg.error)
+            raise ValidationError(f"message #{i} of the request stream: {msg.error}")
+        yield msg
+
+
+_limit_lock = threading.Lock()
+_limit = {"window": 0.0, "logged": 0, "dropped": 0}
+#: malformed requests logged per minute at most (then one line saying how many were not)
+MALFORMED_LOG_PER_MINUTE = 10
+
+
+def _malformed(rpc: str, error: str) -> None:
+    """One short line per malformed request, at most MALFORMED_LOG_PER_MINUTE a minute."""
+    now = time.monotonic()
+    with _limit_lock:
+        if now - _limit["window"] >= 60:
+            dropped = int(_limit["dropped"])
+            _limit.update(window=now, logged=0, dropped=0)
+            if dropped:
+                log.warning("%d more malformed requests in the last minute (not logged)", dropped)
+        if _limit["logged"] >= MALFORMED_LOG_PER_MINUTE:
+            _limit["dropped"] += 1
+            return
+        _limit["logged"] += 1
+    log.warning("%s: malformed request: %s", rpc, error)
+
+
 def map_errors(method: F) -> F:
     """Decorate a servicer method `(self, request_or_iterator, context)`: any exception it
-    raises (or raises while streaming responses) becomes `context.abort(code, message)`."""
+    raises (or raises while streaming responses) becomes `context.abort(code, message)`, and an
+    undecodable request is INVALID_ARGUMENT with one short (rate-limited) log line."""
     name = method.__name__
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
         def gen_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                yield from method(self, request, context)
+                yield from method(self, _checked(request, name), context)
             except Exception as e:
                 _abort(context, e, name)
 
@@ -84,7 +129,7 @@ def map_errors(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            return method(self, _checked(request, name), context)
         except Exception as e:
             _abort(context, e, name)
 

@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Iterator
 from concurrent import futures
+from types import ModuleType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -71,6 +72,30 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 ]
+
+
+def add_servicer(server: grpc.Server, module: ModuleType, service: str, servicer: object) -> None:
+    """Register a servicer like the generated `add_…_to_server`, but with request deserializers
+    that never raise (`wire.safe_deserializer`): bytes that are no valid message reach the
+    servicer as `wire.Malformed` and are answered INVALID_ARGUMENT, not INTERNAL with a
+    traceback in the log."""
+    desc = module.DESCRIPTOR.services_by_name[service]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for m in desc.methods:
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=wire.safe_deserializer(wire.message_class(m.input_type)),
+            response_serializer=wire.message_class(m.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
 
 
 def _complete(context: grpc.ServicerContext) -> None:
@@ -227,11 +252,9 @@ class StoreServer:
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
         )
-        rpc_blobstore_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(store, self.guard), self._server)
-        rpc_directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
-            DirectoryServicer(store, self.guard), self._server
-        )
-        rpc_pathinfo_pb2_grpc.add_PathInfoServiceServicer_to_server(PathInfoServicer(store), self._server)
+        add_servicer(self._server, rpc_blobstore_pb2, "BlobService", BlobServicer(store, self.guard))
+        add_servicer(self._server, rpc_directory_pb2, "DirectoryService", DirectoryServicer(store, self.guard))
+        add_servicer(self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
