@@ -8,8 +8,10 @@ the idle timeout, storing nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Daemon
-from mountutil import wait_until
+from conftest import Daemon, cli
+from fixtures import nix_dump
+from mountutil import MountProc, wait_until
 
 from tvix_store.compose import open_store
 from tvix_store.core.digest import B3Digest
+from tvix_store.core.pathinfo import StorePath
 from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
 from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
 
@@ -111,3 +115,41 @@ def test_undecodable_requests_are_invalid_argument_with_bounded_logs_and_sigterm
     assert "Traceback" not in log and "Exception deserializing" not in log
     malformed = [line for line in d.log if "malformed request" in line]
     assert 1 <= len(malformed) <= 12, len(malformed)  # rate-limited, not one per request
+
+
+def test_a_1500_level_tree_imports_renders_and_mounts(tmp_path: Path) -> None:
+    """Nothing recurses per level: import, the NAR (local and through the daemon's CalculateNAR),
+    the daemon's closure stream and a mount's look-ups all handle a tree 1,500 directories deep
+    (beyond Python's recursion limit of 1,000; deeper absolute paths pass PATH_MAX, which
+    nix-store --dump cannot open either)."""
+    depth = 1500
+    assert depth > sys.getrecursionlimit()
+    root = tmp_path / "deep"
+    rel = "/".join(["d"] * depth)
+    at = str(root)
+    os.mkdir(at)
+    for _ in range(depth):  # pathlib's and os.makedirs' parents= recurse per level
+        at += "/d"
+        os.mkdir(at)
+    Path(at, "leaf").write_bytes(b"at the bottom\n")
+    local = f"local://{tmp_path / 'store'}"
+    sp = cli("import", "--store", local, str(root)).stdout.decode().strip()
+    dump = cli("nar", "--store", local, sp).stdout
+    assert dump == nix_dump(root)
+    d = Daemon(local)
+    try:
+        with open_store(d.url) as s:
+            info = s.pathinfos.get(StorePath.parse(sp).digest)
+            assert info is not None and info.node is not None
+            assert s.pathinfos.calculate_nar(info.node) == (len(dump), hashlib.sha256(dump).digest())
+            assert len(list(s.directories.get_recursive(info.node.digest))) == depth + 1  # type: ignore[union-attr]
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        m = MountProc(mnt, d.url)
+        try:
+            leaf = Path(f"{mnt}/store/{Path(sp).name}/{rel}/leaf")
+            assert leaf.read_bytes() == b"at the bottom\n"
+        finally:
+            assert m.release()
+    finally:
+        assert d.stop() == 0
