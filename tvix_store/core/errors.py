@@ -43,3 +43,27 @@ class UnavailableError(StoreError):
 
     gRPC: UNAVAILABLE / DEADLINE_EXCEEDED. CLI: exit 1. FUSE: EIO.
     """
+
+
+class ConflictError(StoreError):
+    """A write would change what the store already holds under that name (a store path that
+    exists with other content): refused, the existing object stays.
+
+    gRPC: ALREADY_EXISTS. CLI: exit 1.
+    """
+
+
+class PreconditionError(StoreError):
+    """A write needs something the store lacks (a blob or Directory that a Directory or
+    PathInfo references): refused until it has been uploaded.
+
+    gRPC: FAILED_PRECONDITION. CLI: exit 1.
+    """
+
+
+class ResourceExhaustedError(StoreError):
+    """The store ran out of room (disk full) or a request exceeded a configured limit
+    (message count or size): refused, nothing partial stored.
+
+    gRPC: RESOURCE_EXHAUSTED. CLI: exit 1. FUSE: ENOSPC where it applies, else EIO.
+    """

@@ -19,8 +19,11 @@ from typing import Any, TypeVar
 import grpc
 
 from tvix_store.core.errors import (
+    ConflictError,
     IntegrityError,
     NotFoundError,
+    PreconditionError,
+    ResourceExhaustedError,
     StoreError,
     UnavailableError,
     ValidationError,
@@ -47,6 +50,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DATA_LOSS, msg
     if isinstance(exc, UnavailableError):
         return grpc.StatusCode.UNAVAILABLE, msg
+    if isinstance(exc, ConflictError):
+        return grpc.StatusCode.ALREADY_EXISTS, msg
+    if isinstance(exc, PreconditionError):
+        return grpc.StatusCode.FAILED_PRECONDITION, msg
+    if isinstance(exc, ResourceExhaustedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
     if isinstance(exc, StoreError):
         return grpc.StatusCode.INTERNAL, msg
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {msg}"
@@ -58,8 +67,15 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
         log.debug("%s: cancelled by the client, nothing stored", rpc)
         raise exc
     code, msg = status_for(exc)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
         log.debug("%s: %s: %s", rpc, code.name, msg)
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        log.warning("%s: %s", rpc, msg)
     elif code is grpc.StatusCode.UNAVAILABLE:
         log.warning("%s: %s", rpc, msg)
     elif isinstance(exc, StoreError):
@@ -147,5 +163,11 @@ def error_from_status(code: grpc.StatusCode | None, details: str | None, remote:
         return NotFoundError(f"{what}: not found on {remote}: {detail}")
     if code is grpc.StatusCode.DATA_LOSS:
         return IntegrityError(f"remote store {remote} ({what}): {detail}")
+    if code is grpc.StatusCode.ALREADY_EXISTS:
+        return ConflictError(f"remote store {remote} refused {what}: {detail}")
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return PreconditionError(f"remote store {remote} refused {what}: {detail}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhaustedError(f"remote store {remote} refused {what}: {detail}")
     name = code.name if code is not None else "UNKNOWN"
     return StoreError(f"remote store {remote} failed ({what}): {name}: {detail}")
