@@ -278,6 +278,7 @@ def test_get_recursive_is_cached(tmp_path: Path, remote: Remote) -> None:
     mid = Directory(directories=(leaf.as_node(b"a"),), files=(FileNode(b"g", B3Digest.of(b"g"), 1),))
     root = Directory(directories=(mid.as_node(b"m"), DirectoryNode(b"n", leaf.digest, leaf.size)))
     with open_store(remote.daemon.url) as s:
+        s.blobs.put_many([b"f", b"g"])
         s.directories.put_graph([leaf, mid, root])
     store = cached(remote.proxy.url, tmp_path / "c")
     try:

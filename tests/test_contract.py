@@ -139,6 +139,13 @@ def file_node(name: bytes, data: bytes, executable: bool = False) -> FileNode:
     return FileNode(name, B3Digest.of(data), len(data), executable)
 
 
+def put_file_blobs(store: Store) -> None:
+    """The blobs the Directories of these tests name: a daemon refuses a Directory naming a blob
+    it lacks (tests/test_admission.py), so blobs go first, as every importer sends them."""
+    for data in (HELLO, b"", b"x", b"y", b"u"):
+        store.blobs.put(data)
+
+
 def diamond() -> tuple[Directory, Directory, Directory, Directory]:
     """root → a, b; a → c; b → c (c reachable twice)."""
     c = Directory(files=(file_node(b"hello", HELLO),), symlinks=(SymlinkNode(b"l", b"hello"),))
@@ -149,6 +156,7 @@ def diamond() -> tuple[Directory, Directory, Directory, Directory]:
 
 
 def test_directory_put_get(store: Store) -> None:
+    put_file_blobs(store)
     c, a, b, root = diamond()
     assert store.directories.put(c) == c.digest
     assert store.directories.get(c.digest) == c
@@ -159,6 +167,7 @@ def test_directory_put_get(store: Store) -> None:
 
 
 def test_put_graph_and_get_recursive_bfs(store: Store) -> None:
+    put_file_blobs(store)
     c, a, b, root = diamond()
     assert store.directories.put_graph([c, a, c, b, root]) == root.digest  # resending c is harmless
     got = list(store.directories.get_recursive(root.digest))
@@ -168,6 +177,7 @@ def test_put_graph_and_get_recursive_bfs(store: Store) -> None:
 
 
 def test_directory_put_can_reference_stored_directories(store: Store) -> None:
+    put_file_blobs(store)
     c, a, b, root = diamond()
     store.directories.put_graph([c, a])
     store.directories.put_graph([b, root])  # c and a are already stored
@@ -175,6 +185,7 @@ def test_directory_put_can_reference_stored_directories(store: Store) -> None:
 
 
 def test_unknown_reference_rejected(store: Store) -> None:
+    put_file_blobs(store)
     c, a, _, _ = diamond()
     with pytest.raises(ValidationError):
         store.directories.put(a)
@@ -182,6 +193,7 @@ def test_unknown_reference_rejected(store: Store) -> None:
 
 
 def test_size_mismatch_rejected(store: Store) -> None:
+    put_file_blobs(store)
     c, _, _, _ = diamond()
     store.directories.put(c)
     bad = Directory(directories=(DirectoryNode(b"c", c.digest, c.size + 1),))
@@ -191,6 +203,7 @@ def test_size_mismatch_rejected(store: Store) -> None:
 
 
 def test_multiple_roots_rejected_and_nothing_stored(store: Store) -> None:
+    put_file_blobs(store)
     x = Directory(files=(file_node(b"x", b"x"),))
     y = Directory(files=(file_node(b"y", b"y"),))
     with pytest.raises(ValidationError):
@@ -199,6 +212,7 @@ def test_multiple_roots_rejected_and_nothing_stored(store: Store) -> None:
 
 
 def test_rejected_graph_stores_nothing(store: Store) -> None:
+    put_file_blobs(store)
     c, a, _, _ = diamond()
     unknown = Directory(files=(file_node(b"u", b"u"),))
     bad_root = Directory(directories=(a.as_node(b"a"), unknown.as_node(b"u")))  # unknown never sent

@@ -228,6 +228,8 @@ def test_cancelled_directory_put_stores_nothing_partial(debug_daemon: Daemon) ->
     first, see above) the whole valid graph — never the leaf alone."""
     leaf = Directory(files=(FileNode(b"f", B3Digest.of(b""), 0),))
     parent = Directory(directories=(leaf.as_node(b"leaf"),))
+    with open_store(debug_daemon.url) as s:
+        s.blobs.put(b"")
     sent = threading.Event()
     release = threading.Event()
 

@@ -58,6 +58,8 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stubs]:
     tmp = tmp_path_factory.mktemp("validation")
     d = Daemon(f"local://{tmp / 'store'}")
     s = Stubs(d.address)
+    # Directories name blobs the store has (tests/test_admission.py): HELLO first
+    assert s.blobs.Put(iter([rb.BlobChunk(data=HELLO)]), timeout=T).digest == HELLO_D
     try:
         yield s
     finally:
@@ -304,7 +306,7 @@ def test_root_node_name_not_store_path(stubs: Stubs, name: str) -> None:
 
 
 def test_root_node_name_edge_cases_ok(stubs: Stubs) -> None:
-    for name in (store_path_name("a" * 211), store_path_name("+-_?=.AZaz09")):
+    for name in (store_path_name("a" * 211, b"long"), store_path_name("+-_?=.AZaz09", b"chars")):
         info = p.PathInfo(node=p.Node(symlink=c.SymlinkNode(name=name, target="t")))
         assert stubs.infos.Put(info, timeout=T) == info
 
@@ -312,7 +314,7 @@ def test_root_node_name_edge_cases_ok(stubs: Stubs) -> None:
 def test_reference_names_not_matching(stubs: Stubs) -> None:
     ref = store_path_name("dep", b"dep")
     ref_hash = nixbase32.decode(ref[:32], 20)
-    node = p.Node(symlink=c.SymlinkNode(name=store_path_name("main"), target="t"))
+    node = p.Node(symlink=c.SymlinkNode(name=store_path_name("main", b"main"), target="t"))
     sha = hashlib.sha256(b"nar").digest()
     cases = [
         ([ref_hash], []),  # count differs
@@ -325,8 +327,11 @@ def test_reference_names_not_matching(stubs: Stubs) -> None:
             node=node, references=refs, narinfo=p.NARInfo(nar_size=1, nar_sha256=sha, reference_names=names)
         )
         fails(INVALID, stubs.infos.Put, info, words=("reference",))
+    nar = stubs.infos.CalculateNAR(node, timeout=T)
     ok = p.PathInfo(
-        node=node, references=[ref_hash], narinfo=p.NARInfo(nar_size=1, nar_sha256=sha, reference_names=[ref])
+        node=node,
+        references=[ref_hash],
+        narinfo=p.NARInfo(nar_size=nar.nar_size, nar_sha256=nar.nar_sha256, reference_names=[ref]),
     )
     assert stubs.infos.Put(ok, timeout=T) == ok
 
@@ -357,12 +362,17 @@ def test_calculate_nar_missing_directory(stubs: Stubs) -> None:
     fails(NOT_FOUND, stubs.infos.CalculateNAR, p.Node(directory=dn), words=(missing.hex(),))
 
 
-def test_calculate_nar_missing_blob_below_directory(stubs: Stubs) -> None:
+def test_directory_naming_an_absent_blob_is_refused(stubs: Stubs) -> None:
+    """Blobs go before the Directories that name them: a Directory naming a blob the store lacks
+    is FAILED_PRECONDITION (naming the blob), one naming a blob with a wrong size INVALID_ARGUMENT;
+    neither is stored (so CalculateNAR never meets a hole below a stored Directory)."""
     missing = b3(b"blob below a stored directory")
     d = c.Directory(files=[fnode("f", missing, 29)])
-    put_dirs(stubs, d)
-    dn = c.DirectoryNode(name="d", digest=ddigest(d), size=1)
-    fails(NOT_FOUND, stubs.infos.CalculateNAR, p.Node(directory=dn), words=(missing.hex(),))
+    fails(grpc.StatusCode.FAILED_PRECONDITION, put_dirs, stubs, d, words=(missing.hex(), "does not have"))
+    wrong = c.Directory(files=[fnode("f", HELLO_D, 13)])
+    fails(INVALID, put_dirs, stubs, wrong, words=(HELLO_D.hex(), "size 13", "12 bytes"))
+    for x in (d, wrong):
+        fails(NOT_FOUND, get_dir, stubs, ddigest(x))
 
 
 def test_requests_without_by_what(stubs: Stubs) -> None:

@@ -132,6 +132,16 @@ def test_a_1500_level_tree_imports_renders_and_mounts(tmp_path: Path) -> None:
         at += "/d"
         os.mkdir(at)
     Path(at, "leaf").write_bytes(b"at the bottom\n")
+    try:
+        _deep_checks(tmp_path, root, depth, rel)
+    finally:  # shutil.rmtree (pytest's clean-up of old temp dirs) recurses per level
+        os.unlink(f"{at}/leaf")
+        while at != str(root):
+            os.rmdir(at)
+            at = os.path.dirname(at)
+
+
+def _deep_checks(tmp_path: Path, root: Path, depth: int, rel: str) -> None:
     local = f"local://{tmp_path / 'store'}"
     sp = cli("import", "--store", local, str(root)).stdout.decode().strip()
     dump = cli("nar", "--store", local, sp).stdout

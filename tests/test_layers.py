@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tvix_store.nar",),
     ("tvix_store.pathinfoservice",),
     ("tvix_store.store",),
-    ("tvix_store.verify", "tvix_store.compose"),
+    ("tvix_store.verify", "tvix_store.compose", "tvix_store.admission"),
     ("tvix_store.importer", "tvix_store.serve"),
     ("tvix_fuse",),
     ("tvix_store.cli",),

@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="cancel a streaming call that makes no progress for this long (default 60)",
     )
+    d.add_argument(
+        "--max-directory-put-count",
+        type=_positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="Directories in one Put stream at most; more is RESOURCE_EXHAUSTED (default 1000000)",
+    )
+    d.add_argument(
+        "--max-directory-put-bytes",
+        type=_size_arg,
+        default=1 << 30,
+        metavar="BYTES",
+        help="encoded bytes of one Directory Put stream at most (suffixes K/M/G; default 1G)",
+    )
     d.set_defaults(func=_lazy("tvix_store.cli.daemon", "run"))
 
     i = sub.add_parser("import", help="ingest paths, print their Nix store paths")

@@ -32,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     stop = _install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
     try:
-        server = StoreServer(store, max_streams=args.max_streams, idle_timeout=args.idle_timeout)
+        server = StoreServer(
+            store,
+            max_streams=args.max_streams,
+            idle_timeout=args.idle_timeout,
+            max_directory_put_count=args.max_directory_put_count,
+            max_directory_put_bytes=args.max_directory_put_bytes,
+        )
         address = server.bind(args.listen)
         server.start()
         try:

@@ -6,7 +6,7 @@ Backends are sibling modules (`memory`, `objects`, `grpc`, `cached`). Contract:
 - `put(dir)` validates the Directory and requires every child Directory to be stored
   already (ValidationError otherwise), with matching sizes.
 - `put_graph(dirs)` takes a graph leaves-first (each Directory only references ones
-  before it or already stored), validates all of it before storing any of it, and
+  before it or already stored), validates all of it before storing any of it (`GraphCheck`), and
   returns the root (last) digest; a graph with more than one root is rejected.
 - `get_recursive(d)` yields the closure breadth-first, each Directory once, each after
   one that references it; it yields nothing if `d` is absent, and raises NotFoundError
@@ -47,13 +47,22 @@ class DirectoryService(ABC):
         return self.put_graph([directory])
 
     def put_graph(self, directories: Iterable[Directory]) -> B3Digest:
-        """Validate a leaves-first graph completely, then store it; returns the root digest."""
-        graph = validate_graph(directories, self._known_size)
-        for d in graph:
-            self._store(d)
-        return graph[-1].digest
+        """Validate a leaves-first graph completely, then store it; returns the root digest.
 
-    def _known_size(self, digest: B3Digest) -> int | None:
+        A re-iterable `directories` (a list, a spool) is read twice, checked in memory
+        proportional to its count; a one-shot iterator is held in a list first."""
+        if iter(directories) is directories:
+            directories = list(directories)
+        check = GraphCheck(self.known_size)
+        for d in directories:
+            check.add(d)
+        root = check.finish()
+        for d in directories:
+            self._store(d)
+        return root
+
+    def known_size(self, digest: B3Digest) -> int | None:
+        """The size of a stored Directory, or None."""
         d = self.get(digest)
         return None if d is None else d.size
 
@@ -97,25 +106,30 @@ class DirectoryService(ABC):
         """Release resources."""
 
 
-def validate_graph(directories: Iterable[Directory], known_size: KnownSize) -> list[Directory]:
-    """Check a leaves-first stream of Directories; return it (deduplicated) or raise ValidationError.
+class GraphCheck:
+    """Incremental check of a leaves-first stream of Directories (the rules of `validate_graph`),
+    keeping only each Directory's digest and size: a stream of any length is checked in memory
+    proportional to its count, not its bytes."""
 
-    Each Directory must validate; each child reference must be to a Directory earlier in
-    the stream or already stored (`known_size(d)` not None) with the same size; exactly
-    one Directory (the last) may be unreferenced within the stream.
-    """
-    sizes: dict[B3Digest, int] = {}
-    order: list[Directory] = []
-    unreferenced: set[B3Digest] = set()
-    for d in directories:
+    def __init__(self, known_size: KnownSize) -> None:
+        self._known_size = known_size
+        self._sizes: dict[B3Digest, int] = {}
+        self._unreferenced: set[B3Digest] = set()
+        self._last: B3Digest | None = None
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def add(self, d: Directory) -> bool:
+        """Check one more Directory; False if it was sent before (resending one is harmless)."""
         d.validate()
         dg = d.digest
-        if dg in sizes:
-            continue  # resending one is harmless
+        if dg in self._sizes:
+            return False
         for child in d.directories:
-            size = sizes.get(child.digest)
+            size = self._sizes.get(child.digest)
             if size is None:
-                size = known_size(child.digest)
+                size = self._known_size(child.digest)
                 if size is None:
                     raise ValidationError(
                         f"directory {dg.hex()} references unknown directory {child.digest.hex()} "
@@ -126,14 +140,31 @@ def validate_graph(directories: Iterable[Directory], known_size: KnownSize) -> l
                     f"directory {dg.hex()}: entry {child.name.decode('utf-8', 'backslashreplace')!r} has size "
                     f"{child.size}, but directory {child.digest.hex()} has size {size}"
                 )
-            unreferenced.discard(child.digest)
-        sizes[dg] = d.size
-        unreferenced.add(dg)
-        order.append(d)
-    if not order:
-        raise ValidationError("no directories sent")
-    if len(unreferenced) > 1:
-        raise ValidationError(f"directory graph has {len(unreferenced)} roots, expected one")
-    if order[-1].digest not in unreferenced:
-        raise ValidationError("the last directory sent must be the root of the graph")
+            self._unreferenced.discard(child.digest)
+        self._sizes[dg] = d.size
+        self._unreferenced.add(dg)
+        self._last = dg
+        return True
+
+    def finish(self) -> B3Digest:
+        """The root's digest, once the whole stream was added; ValidationError if it is no graph."""
+        if self._last is None:
+            raise ValidationError("no directories sent")
+        if len(self._unreferenced) > 1:
+            raise ValidationError(f"directory graph has {len(self._unreferenced)} roots, expected one")
+        if self._last not in self._unreferenced:
+            raise ValidationError("the last directory sent must be the root of the graph")
+        return self._last
+
+
+def validate_graph(directories: Iterable[Directory], known_size: KnownSize) -> list[Directory]:
+    """Check a leaves-first stream of Directories; return it (deduplicated) or raise ValidationError.
+
+    Each Directory must validate; each child reference must be to a Directory earlier in
+    the stream or already stored (`known_size(d)` not None) with the same size; exactly
+    one Directory (the last) may be unreferenced within the stream.
+    """
+    check = GraphCheck(known_size)
+    order = [d for d in directories if check.add(d)]
+    check.finish()
     return order

@@ -2,10 +2,13 @@
 `Store`, plus `StoreServer`, which binds them with reflection and health checking.
 
 The servicers only translate: wire messages become validated domain objects in
-`tvix_store.protocol.wire`, the store does the work, and exceptions become status codes in one
-place (`tvix_store.remote.status.map_errors`). They never see backend types, and they
-stream: a blob is read and written chunk by chunk, never held whole. Not a client
-(see `tvix_store.grpc.client`) and not the daemon's process lifecycle (`tvix_store.cli.daemon`).
+`tvix_store.protocol.wire`, writes pass the cross-object checks of `tvix_store.admission`
+(blobs before the Directories naming them, complete closures and matching NarHash before a
+PathInfo, no store path replaced), the store does the work, and exceptions become status codes
+in one place (`tvix_store.remote.status.map_errors`). They never see backend types, and they
+stream: a blob is read and written chunk by chunk, never held whole; a Directory Put stream is
+held in a bounded spool (`tvix_store.serve.spool`). Not a client (see `tvix_store.remote`) and
+not the daemon's process lifecycle (`tvix_store.cli.daemon`).
 
 Stat's `include_bao` is accepted but answered with an empty `inline_bao`: outboard bao
 is not supported (PROTOCOL.md allows "empty if unsupported").
@@ -24,8 +27,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tvix_store.core.castore import Directory
+from tvix_store.admission import Admission
+from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError, StoreError, ValidationError
+from tvix_store.directoryservice import GraphCheck
 from tvix_store.pathinfoservice import check_output_hash
 from tvix_store.protocol import wire
 from tvix_store.protocol.g1 import (
@@ -45,6 +50,7 @@ from tvix_store.serve.limits import (
     StreamGuard,
     streaming,
 )
+from tvix_store.serve.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, DirectorySpool
 from tvix_store.store import Store
 
 log = logging.getLogger("tvix_store.serve.grpc")
@@ -160,9 +166,19 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
 
 
 class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
-    def __init__(self, store: Store, guard: StreamGuard) -> None:
+    def __init__(
+        self,
+        store: Store,
+        guard: StreamGuard,
+        admission: Admission,
+        max_count: int = DEFAULT_MAX_COUNT,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self._dirs = store.directories
         self.guard = guard
+        self._admission = admission
+        self.max_count = max_count
+        self.max_bytes = max_bytes
 
     @streaming
     @map_errors
@@ -190,22 +206,32 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
     def Put(
         self, request_iterator: Iterator[castore_pb2.Directory], context: grpc.ServicerContext
     ) -> rpc_directory_pb2.PutDirectoryResponse:  # noqa: N802, E501
-        # Collect and validate the whole stream first: nothing of a rejected stream is stored.
-        graph: list[Directory] = []
-        for i, msg in enumerate(request_iterator):
-            try:
-                graph.append(wire.directory_from_proto(msg))
-            except ValidationError as e:
-                raise ValidationError(f"directory #{i} of the stream: {e}") from None
-        _complete(context)
-        root = self._dirs.put_graph(graph)
-        log.debug("Put: stored %d directories, root %s", len(graph), root.hex())
+        # Checked as it arrives (each Directory, its references, its files' blobs), held in a
+        # spool of bounded memory, stored once the whole stream checked out: nothing of a
+        # rejected stream is stored.
+        check = GraphCheck(self._dirs.known_size)
+        blob_sizes: dict[B3Digest, int] = {}
+        with DirectorySpool(self.max_count, self.max_bytes) as spool:
+            for i, msg in enumerate(request_iterator):
+                try:
+                    d = wire.directory_from_proto(msg)
+                    if not check.add(d):
+                        continue
+                    self._admission.check_files(d, blob_sizes)
+                except StoreError as e:
+                    raise type(e)(f"directory #{i} of the stream: {e}") from None
+                spool.add(d)
+            _complete(context)
+            check.finish()
+            root = self._dirs.put_graph(spool)
+        log.debug("Put: stored %d directories, root %s", len(check), root.hex())
         return rpc_directory_pb2.PutDirectoryResponse(root_digest=bytes(root))
 
 
 class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, admission: Admission) -> None:
         self._infos = store.pathinfos
+        self._admission = admission
 
     @map_errors
     def Get(self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802, E501
@@ -220,7 +246,7 @@ class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
     @map_errors
     def Put(self, request: pathinfo_pb2.PathInfo, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802
         info = wire.pathinfo_from_proto(request)
-        return wire.pathinfo_to_proto(self._infos.put(info))
+        return wire.pathinfo_to_proto(self._admission.put_pathinfo(info))
 
     @map_errors
     def CalculateNAR(
@@ -244,17 +270,29 @@ class StoreServer:
     """
 
     def __init__(
-        self, store: Store, *, max_streams: int = DEFAULT_MAX_STREAMS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+        self,
+        store: Store,
+        *,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_directory_put_count: int = DEFAULT_MAX_COUNT,
+        max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.store = store
         self.guard = StreamGuard(max_streams, idle_timeout)
+        self.admission = Admission(store)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
         )
         add_servicer(self._server, rpc_blobstore_pb2, "BlobService", BlobServicer(store, self.guard))
-        add_servicer(self._server, rpc_directory_pb2, "DirectoryService", DirectoryServicer(store, self.guard))
-        add_servicer(self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store))
+        add_servicer(
+            self._server,
+            rpc_directory_pb2,
+            "DirectoryService",
+            DirectoryServicer(store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes),
+        )
+        add_servicer(self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store, self.admission))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
