@@ -16,9 +16,14 @@ Policy:
   evictions in progress waits for them (≤ 1 s), then gives up rather than overshoot.
 - Exactness needs one writer: over an inner store that is not `writable` (a cache directory
   owned by another process) this wrapper only passes reads through.
+- Disk full: when the inner store refuses a write for lack of room (`ResourceExhaustedError`:
+  ENOSPC, EDQUOT) before `limit` is reached, the bound in force is lowered to what is held
+  minus a margin (`FULL_MARGIN`), the oldest objects are evicted to get under it, one warning
+  is logged (a further lowering, if the disk fills up again, is an info line) and that write
+  is dropped (`put` returns False); until the process ends, the lowered bound holds.
 
-Counters (in the shared `Counters`): `cache_bytes`, `cache_objects`, `cache_limit`,
-`cache_evictions`, `cache_uncacheable`.
+Counters (in the shared `Counters`): `cache_bytes`, `cache_objects`, `cache_limit` (the bound
+in force), `cache_evictions`, `cache_uncacheable`.
 
 Not here: what is worth caching or verification (the services and the cache combinators).
 """
@@ -31,6 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from tvix_store.core.errors import ResourceExhaustedError
 from tvix_store.objects import ObjectInfo, ObjectStore, Staged
 from tvix_store.util.counters import Counters
 
@@ -42,6 +48,9 @@ HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.85
 #: how long a write waits for room held by concurrent writes or evictions
 ROOM_WAIT = 1.0
+#: on a full disk the bound becomes what is held minus this: a fraction of it, at least 1 MiB
+FULL_MARGIN = 0.05
+FULL_MARGIN_MIN = 1 << 20
 
 COUNTER_NAMES = ("cache_bytes", "cache_objects", "cache_limit", "cache_evictions", "cache_uncacheable")
 
@@ -56,7 +65,9 @@ class BoundedObjectStore(ObjectStore):
 
     def __init__(self, inner: ObjectStore, limit: int, counters: Counters | None = None) -> None:
         self.inner = inner
-        self.limit = limit
+        self.limit = limit  # the bound in force: `configured_limit`, or lower once the disk was full
+        self.configured_limit = limit
+        self._full_warned = False
         self.capabilities = inner.capabilities
         self.writable = inner.writable
         self.counters = counters if counters is not None else Counters()
@@ -145,10 +156,16 @@ class BoundedObjectStore(ObjectStore):
         if not self._reserve(key, charge):
             return False
         written = False
+        full: ResourceExhaustedError | None = None
         try:
             written = self.inner.put(key, data, replace=replace)
+        except ResourceExhaustedError as e:
+            full = e
         finally:
             self._settle(key, charge, written)
+        if full is not None:
+            self._disk_full(full)
+            return False
         if written:
             self.inner.touch(key)  # the newest use, in the inner store's own order
         return written
@@ -221,6 +238,30 @@ class BoundedObjectStore(ObjectStore):
         self._publish()
         if over_high:
             self._wake.set()
+
+    def _disk_full(self, err: ResourceExhaustedError) -> None:
+        """The inner store is out of room before the bound: lower the bound to what is held
+        minus a margin and evict down to it (see the module docstring)."""
+        with self._cond:
+            held = self.used - self._writing  # stored (victims being deleted included)
+            if held > self.limit:
+                return  # an earlier lowering is still evicting: that will make the room
+            new = max(0, held - max(FULL_MARGIN_MIN, int(held * FULL_MARGIN)))
+            if new >= self.limit:
+                return
+            old, self.limit = self.limit, new
+            first = not self._full_warned
+            self._full_warned = True
+        self.counters.set("cache_limit", new)
+        how = log.warning if first else log.info
+        how(
+            "cache disk full (%s) at %.1f MiB of the %.1f MiB bound: bound lowered to %.1f MiB until restart",
+            err,
+            held / (1 << 20),
+            old / (1 << 20),
+            new / (1 << 20),
+        )
+        self._evict_to(new)
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -301,10 +342,15 @@ class _BoundedStaged(Staged):
             self._inner.discard()
             return False
         written = False
+        full: ResourceExhaustedError | None = None
         try:
             written = self._inner.commit(key)
+        except ResourceExhaustedError as e:
+            full = e
         finally:
             self._store._settle(key, charge, written)
+        if full is not None:
+            self._store._disk_full(full)
         return written
 
     def discard(self) -> None:

@@ -21,27 +21,38 @@ Sharing: any number of processes may use one directory at once; no locks, only a
 renames. `exclusive=True` (a cache, whose size accounting must be exact) takes the `LOCK`
 flock; a second process then gets a read-only view (`writable` False: puts are dropped).
 
-Temp files of killed writers are removed on open: in an exclusive store all of them (the
-owner is the only writer), else those whose writer (the pid in the name) no longer runs, when
-it ran in this PID namespace (named in the file too); a file of another namespace (a
-container sharing the directory) only once it is an hour old.
+Temp files of dead writers are reclaimed on open and then every `SWEEP_INTERVAL` seconds
+while the store is open (one background thread per process; a scan of `tmp/`, cheap when it
+is empty), never one this process is still writing or holds staged (tracked in memory):
+- one of this process that it no longer writes (an aborted writer's leftover): at once;
+- in an exclusive store whose `LOCK` this process holds (the only writer): every other one;
+- else one whose writer (the pid in the name) no longer runs, when it ran in this PID
+  namespace (named in the file too): at once; one of another namespace (a container sharing
+  the directory) or not named by this scheme: once it is an hour old.
+(`TVIX_TMP_SWEEP_SECONDS` in the environment overrides the interval: a test knob.)
+
+Disk full: a write that fails with ENOSPC or EDQUOT (the temp file, its fsync, the rename)
+removes its temp file and raises `ResourceExhaustedError` naming the store directory;
+nothing of the object is stored, and once there is room again writes just work.
 
 Not here: verification (the services hash what they read), eviction (`bounded`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tvix_store.core.errors import StoreError
+from tvix_store.core.errors import ResourceExhaustedError, StoreError
 from tvix_store.objects import KINDS, ObjectInfo, ObjectStore, Staged, split_key
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,20 @@ MARKER = "TVIX-STORE"
 MARKER_TEXT = f"tvix-store local store, layout {LAYOUT_VERSION}\n"
 LOCK = "LOCK"
 STALE_TMP_AGE = 3600.0
+#: errno values that mean "the disk (or the quota) is full"
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _sweep_interval() -> float:
+    """Seconds between sweeps of `tmp/` (`TVIX_TMP_SWEEP_SECONDS` overrides, for tests)."""
+    try:
+        value = float(os.environ.get("TVIX_TMP_SWEEP_SECONDS", "60"))
+    except ValueError:
+        return 60.0
+    return value if value > 0 else 60.0
+
+
+SWEEP_INTERVAL = _sweep_interval()
 
 #: read-ahead hints (`advise`): files waiting at most, and threads issuing them
 MAX_ADVISED = 4096
@@ -82,6 +107,58 @@ def _unlink(path: str) -> None:
         pass
 
 
+# --- temp files of this process, and the sweeper -----------------------------------------
+
+_live_lock = threading.Lock()
+#: temp files this process is writing or holds staged (full paths): never swept
+_live: set[str] = set()
+#: the random part of the temp names of every FileObjectStore of this process
+_own_tokens: set[str] = set()
+_sweep_stores: weakref.WeakSet[FileObjectStore] = weakref.WeakSet()
+_sweeper: threading.Thread | None = None
+
+
+def _release(tmp: str) -> None:
+    """`tmp` is no longer being written (renamed into place, or removed)."""
+    with _live_lock:
+        _live.discard(tmp)
+
+
+def _drop(tmp: str) -> None:
+    """Remove a temp file of this process and stop tracking it."""
+    try:
+        _unlink(tmp)
+    finally:
+        _release(tmp)
+
+
+def _sweep_loop() -> None:
+    while True:
+        time.sleep(SWEEP_INTERVAL)
+        with _live_lock:
+            stores = list(_sweep_stores)
+        for s in stores:
+            try:
+                s.clean_tmp()
+            except Exception as e:  # noqa: BLE001 - a sweep may fail (store gone); the next one retries
+                log.debug("sweep of %s failed: %s", s._tmp, e)
+        del stores
+
+
+def _start_sweeping(store: FileObjectStore) -> None:
+    global _sweeper
+    with _live_lock:
+        _sweep_stores.add(store)
+        if _sweeper is None or not _sweeper.is_alive():
+            _sweeper = threading.Thread(target=_sweep_loop, name="tvix-tmp-sweep", daemon=True)
+            _sweeper.start()
+
+
+def _stop_sweeping(store: FileObjectStore) -> None:
+    with _live_lock:
+        _sweep_stores.discard(store)
+
+
 class FileObjectStore(ObjectStore):
     """Objects as files under `root` (see the module docstring). Thread-safe."""
 
@@ -90,7 +167,13 @@ class FileObjectStore(ObjectStore):
         self.fsync = fsync
         self._root = str(root)
         self._tmp = os.path.join(self._root, "tmp")
-        self._prefix = f"{_pid_namespace()}.{os.getpid()}.{secrets.token_hex(6)}."
+        self._ns = _pid_namespace()
+        self._pid = os.getpid()
+        token = secrets.token_hex(6)
+        self._prefix = f"{self._ns}.{self._pid}.{token}."
+        with _live_lock:
+            _own_tokens.add(token)
+        self._owner = False  # holds the LOCK of an exclusive store: the only writer
         self._seq = 0
         self._lock = threading.Lock()
         self._lock_fd = -1
@@ -134,41 +217,58 @@ class FileObjectStore(ObjectStore):
             except BlockingIOError:
                 self.writable = False
                 log.warning("%s is in use by another process: using it read-only", root)
+            else:
+                self._owner = True
         if not self.writable:
             return
         for kind in (*KINDS, "tmp"):
             os.makedirs(os.path.join(self._root, kind), exist_ok=True)
         if text is None:
-            self._publish(self._write_tmp(MARKER_TEXT.encode()), str(marker))
-        self.clean_tmp(0.0 if exclusive else STALE_TMP_AGE, check_pid=not exclusive)
+            tmp = self._write_tmp(MARKER_TEXT.encode())
+            try:
+                self._publish(tmp, str(marker))
+            except BaseException:
+                _drop(tmp)
+                raise
+        self.clean_tmp()
+        _start_sweeping(self)
 
-    def clean_tmp(self, max_age: float = STALE_TMP_AGE, check_pid: bool = True) -> int:
-        """Remove temp files of dead writers (see the module docstring); returns how many.
-
-        With `check_pid` False every temp file older than `max_age` goes (an exclusive owner)."""
-        now = time.time()
-        ns = _pid_namespace()
-        removed = 0
+    def clean_tmp(self, max_age: float = STALE_TMP_AGE) -> int:
+        """Remove temp files of dead writers (the rules of the module docstring); returns how
+        many. Never one this process is writing or holds staged. `max_age`: from what age a
+        file whose writer cannot be seen (another PID namespace, another naming) is dead."""
+        if not self.writable:
+            return 0
         try:
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:
             return 0
+        if not entries:
+            return 0
+        with _live_lock:  # after the listing: a file listed and still being written is in `_live`
+            live = {e.path for e in entries if e.path in _live}
+            own = set(_own_tokens)
+        now = time.time()
+        ns, me = self._ns, os.getpid()
+        removed = 0
         for e in entries:
+            if e.path in live:
+                continue
             parts = e.name.split(".")
             try:
                 pidns, pid = (int(parts[0]), int(parts[1])) if len(parts) == 4 else (-1, -1)
             except ValueError:
                 pidns, pid = -1, -1
             try:
-                age = now - e.stat(follow_symlinks=False).st_mtime
-                if check_pid:
-                    ours = pidns == ns and ns != 0
-                    if ours and _pid_alive(pid):
-                        continue  # a live writer
-                    if not ours and age < max_age:
-                        continue  # a writer we cannot see: only once it is old
-                elif age < max_age:
-                    continue
+                if pid == me and parts[2] in own:
+                    pass  # made by this process, no longer written: an aborted writer's leftover
+                elif self._owner:
+                    pass  # the owner of an exclusive store is its only writer
+                elif pidns == ns and ns != 0:
+                    if _pid_alive(pid):
+                        continue  # a live writer of this PID namespace
+                elif now - e.stat(follow_symlinks=False).st_mtime < max_age:
+                    continue  # a writer this process cannot see: only once it is old
                 os.unlink(e.path)
                 removed += 1
             except FileNotFoundError:
@@ -176,7 +276,7 @@ class FileObjectStore(ObjectStore):
             except OSError as err:
                 log.warning("cannot remove stale temp file %s: %s", e.path, err.strerror)
         if removed:
-            log.info("removed %d stale temp files from %s", removed, self._tmp)
+            log.info("removed %d temp files of dead writers from %s", removed, self._tmp)
         return removed
 
     # --- paths -----------------------------------------------------------------------
@@ -189,10 +289,20 @@ class FileObjectStore(ObjectStore):
         return f"{self._root}/{kind}/{name}"
 
     def _tmp_path(self) -> str:
+        """A fresh temp file name, tracked as being written (so no sweep takes it) until
+        `_release`d: register before creating, so a file on disk is tracked or abandoned."""
         with self._lock:
             self._seq += 1
             seq = self._seq
-        return f"{self._tmp}/{self._prefix}{seq}"
+        tmp = f"{self._tmp}/{self._prefix}{seq}"
+        with _live_lock:
+            _live.add(tmp)
+        return tmp
+
+    def _full(self, e: OSError) -> ResourceExhaustedError:
+        """The error of a write that found the disk (or the quota) full."""
+        why = "" if e.errno == errno.ENOSPC else " (disk quota exceeded)"
+        return ResourceExhaustedError(f"store directory {self.root}: no space left on device{why}")
 
     # --- reading ---------------------------------------------------------------------
 
@@ -254,36 +364,64 @@ class FileObjectStore(ObjectStore):
     def _write_tmp(self, data: bytes | bytearray | memoryview) -> str:
         """Write `data` to a new temp file (fsynced if configured); returns its path."""
         tmp = self._tmp_path()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            mv = memoryview(data).cast("B")
-            while mv:
-                n = os.write(fd, mv)
-                mv = mv[n:]
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            _release(tmp)
+            if e.errno in DISK_FULL:
+                raise self._full(e) from None
             raise
-        os.close(fd)
+        try:
+            try:
+                mv = memoryview(data).cast("B")
+                while mv:
+                    n = os.write(fd, mv)
+                    mv = mv[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)  # may report a deferred write error too
+        except OSError as e:
+            _drop(tmp)
+            if e.errno in DISK_FULL:
+                raise self._full(e) from None
+            raise
+        except BaseException:
+            _drop(tmp)
+            raise
         return tmp
 
     def _publish(self, tmp: str, final: str) -> None:
-        """Rename a temp file into place (creating the shard directory on first use)."""
+        """Rename a temp file into place (creating the shard directory on first use). On
+        failure the temp file is the caller's to remove (`_drop`)."""
         try:
-            os.rename(tmp, final)
-        except FileNotFoundError:
-            if not os.path.exists(tmp):
-                raise
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.rename(tmp, final)
-        if self.fsync:
-            fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise self._full(e) from None
+            raise
+        _release(tmp)
+        if self.fsync:
+            try:
+                self._fsync_dir(os.path.dirname(final))
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise self._full(e) from None
+                raise
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, replace: bool = False) -> bool:
         if not self.writable:
@@ -295,7 +433,7 @@ class FileObjectStore(ObjectStore):
         try:
             self._publish(tmp, final)
         except BaseException:
-            _unlink(tmp)
+            _drop(tmp)
             raise
         return True
 
@@ -364,6 +502,7 @@ class FileObjectStore(ObjectStore):
                 self._advised -= len(paths)
 
     def close(self) -> None:
+        _stop_sweeping(self)
         with self._lock:
             pool, self._advise_pool = self._advise_pool, None
         if pool is not None:
@@ -388,14 +527,14 @@ class _FileStaged(Staged):
         try:
             self._store._publish(tmp, final)
         except BaseException:
-            _unlink(tmp)
+            _drop(tmp)
             raise
         return True
 
     def discard(self) -> None:
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
-            _unlink(tmp)
+            _drop(tmp)
 
     def __del__(self) -> None:
         if getattr(self, "_tmp", None) is not None:

@@ -75,7 +75,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     ):
         log.debug("%s: %s: %s", rpc, code.name, msg)
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        log.warning("%s: %s", rpc, msg)
+        _exhausted_log.warning("%s: %s", rpc, msg)
     elif code is grpc.StatusCode.UNAVAILABLE:
         log.warning("%s: %s", rpc, msg)
     elif isinstance(exc, StoreError):
@@ -104,26 +104,43 @@ def _checked_stream(requests: Iterator[Any], rpc: str) -> Iterator[Any]:
         yield msg
 
 
-_limit_lock = threading.Lock()
-_limit = {"window": 0.0, "logged": 0, "dropped": 0}
+class RateLimitedLog:
+    """Warnings of one kind, at most `per_minute` a minute; then one line saying how many were
+    not logged (a flood of bad requests or of refused writes must not flood the log)."""
+
+    def __init__(self, what: str, per_minute: int) -> None:
+        self.what = what
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._window = 0.0
+        self._logged = 0
+        self._dropped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window >= 60:
+                dropped = self._dropped
+                self._window, self._logged, self._dropped = now, 0, 0
+                if dropped:
+                    log.warning("%d more %s in the last minute (not logged)", dropped, self.what)
+            if self._logged >= self.per_minute:
+                self._dropped += 1
+                return
+            self._logged += 1
+        log.warning(msg, *args)
+
+
 #: malformed requests logged per minute at most (then one line saying how many were not)
 MALFORMED_LOG_PER_MINUTE = 10
+_malformed_log = RateLimitedLog("malformed requests", MALFORMED_LOG_PER_MINUTE)
+#: refused for lack of room or over a limit (disk full: every Put in flight fails at once)
+_exhausted_log = RateLimitedLog("calls refused with RESOURCE_EXHAUSTED", 10)
 
 
 def _malformed(rpc: str, error: str) -> None:
     """One short line per malformed request, at most MALFORMED_LOG_PER_MINUTE a minute."""
-    now = time.monotonic()
-    with _limit_lock:
-        if now - _limit["window"] >= 60:
-            dropped = int(_limit["dropped"])
-            _limit.update(window=now, logged=0, dropped=0)
-            if dropped:
-                log.warning("%d more malformed requests in the last minute (not logged)", dropped)
-        if _limit["logged"] >= MALFORMED_LOG_PER_MINUTE:
-            _limit["dropped"] += 1
-            return
-        _limit["logged"] += 1
-    log.warning("%s: malformed request: %s", rpc, error)
+    _malformed_log.warning("%s: malformed request: %s", rpc, error)
 
 
 def map_errors(method: F) -> F:
