@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -163,3 +164,86 @@ def _deep_checks(tmp_path: Path, root: Path, depth: int, rel: str) -> None:
             assert m.release()
     finally:
         assert d.stop() == 0
+
+
+def _nar_str(b: bytes) -> bytes:
+    return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
+
+
+def chain_nar(depth: int, leaf: bytes) -> bytes:
+    """The NAR of `depth` nested directories `d` holding a file `leaf`, written out by hand
+    from the format (nix-store --dump cannot open paths this long)."""
+    s = _nar_str
+    open_dir = s(b"(") + s(b"type") + s(b"directory")
+    entry = s(b"entry") + s(b"(") + s(b"name")
+    down = open_dir + entry + s(b"d") + s(b"node")
+    bottom = open_dir + entry + s(b"leaf") + s(b"node") + s(b"(") + s(b"type") + s(b"regular")
+    bottom += s(b"contents") + s(leaf) + s(b")") + s(b")") + s(b")")
+    return s(b"nix-archive-1") + down * depth + bottom + (s(b")") + s(b")")) * depth
+
+
+def test_a_5000_level_tree_deeper_than_path_max(tmp_path: Path) -> None:
+    """5,000 levels: a path of 10,000 bytes, beyond PATH_MAX, so the import walks by directory
+    fd; the NAR (local and CalculateNAR) equals the format written out by hand, the closure
+    streams, and the mount resolves the leaf one look-up at a time (openat, as `find` does)."""
+    depth = 5000
+    root = tmp_path / "deep"
+    os.mkdir(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"at the bottom\n")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    try:
+        expected = chain_nar(depth, b"at the bottom\n")
+        local = f"local://{tmp_path / 'store'}"
+        sp = cli("import", "--store", local, str(root)).stdout.decode().strip()
+        assert cli("nar", "--store", local, sp).stdout == expected
+        d = Daemon(local)
+        try:
+            served = tmp_path / "served"
+            d2 = Daemon(f"local://{served}")  # an import through gRPC: the daemon checks the closure
+            try:
+                assert cli("import", "--store", d2.url, str(root)).stdout.decode().strip() == sp
+            finally:
+                assert d2.stop() == 0
+            assert cli("nar", "--store", f"local://{served}", sp).stdout == expected
+            with open_store(d.url) as s:
+                info = s.pathinfos.get(StorePath.parse(sp).digest)
+                assert info is not None and info.node is not None and info.narinfo is not None
+                assert (info.narinfo.nar_size, info.narinfo.nar_sha256) == (
+                    len(expected),
+                    hashlib.sha256(expected).digest(),
+                )
+                assert s.pathinfos.calculate_nar(info.node) == (len(expected), hashlib.sha256(expected).digest())
+                assert len(list(s.directories.get_recursive(info.node.digest))) == depth + 1  # type: ignore[union-attr]
+            mnt = tmp_path / "mnt"
+            mnt.mkdir()
+            m = MountProc(mnt, d.url)
+            try:
+                fd = os.open(mnt / "store" / Path(sp).name, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    for _ in range(depth):
+                        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                        os.close(fd)
+                        fd = child
+                    leaf = os.open("leaf", os.O_RDONLY, dir_fd=fd)
+                    try:
+                        assert os.read(leaf, 100) == b"at the bottom\n"
+                    finally:
+                        os.close(leaf)
+                finally:
+                    os.close(fd)
+            finally:
+                assert m.release()
+        finally:
+            assert d.stop() == 0
+    finally:  # shutil.rmtree (pytest's clean-up of old temp dirs) recurses per level; rm does not
+        subprocess.run(["rm", "-rf", str(root)], check=True)

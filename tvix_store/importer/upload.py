@@ -36,8 +36,8 @@ def show(p: bytes) -> str:
     return p.decode("utf-8", "backslashreplace")
 
 
-def open_nofollow(p: bytes) -> int:
-    return os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def open_nofollow(p: bytes, dir_fd: int | None = None) -> int:
+    return os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 @dataclass(slots=True)

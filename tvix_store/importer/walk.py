@@ -11,7 +11,8 @@ Nix's rules are followed, not improved on: a file is executable iff its owner `x
 Refused, with a message naming the path: sockets, FIFOs and devices; names and symlink
 targets that are not UTF-8 (they are protobuf strings on the wire); files of 4 GiB or more
 (`FileNode.size` is uint32) and trees whose NAR is that big (`NARInfo.nar_size`).
-Directories are walked with an explicit stack (no recursion limit on depth).
+Directories are walked with an explicit stack and one directory fd, each opened relative to
+the one before: depth is bounded neither by the recursion limit nor by PATH_MAX.
 """
 
 from __future__ import annotations
@@ -58,15 +59,53 @@ def _unsupported(p: bytes, mode: int) -> ValidationError:
     return ValidationError(f"{show(p)}: cannot import a {kind}: only regular files, directories and symlinks")
 
 
+#: what an entry is, read while its directory is open (a DirEntry may stat lazily)
+_DIR, _LINK, _FILE = 0, 1, 2
+#: longest path the kernel opens by name (PATH_MAX 4096 with its NUL); deeper files are kept
+#: in memory from the walk, as they could not be opened again by path
+PATH_MAX = 4095
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 @dataclass
 class _Frame:
-    """A directory being walked: its path, remaining sorted entries, and the nodes done so far."""
+    """A directory being walked: its path (for messages; it may be longer than PATH_MAX), its
+    identity (st_dev, st_ino), remaining sorted entries, and the nodes done so far."""
 
     path: bytes
     name: bytes
-    entries: list[os.DirEntry[bytes]]
+    ident: tuple[int, int]
+    entries: list[tuple[bytes, int]]
     index: int = 0
     nodes: list[Node] = field(default_factory=list)
+
+
+class _Cursor:
+    """The one directory fd of a walk: opened relative to the one before (never by a full
+    path, so depth is not bounded by PATH_MAX), back up by `..` checked against the parent's
+    identity (a tree moved meanwhile is an error, never a wrong import)."""
+
+    def __init__(self, root: bytes) -> None:
+        self.fd = os.open(root, _DIR_FLAGS)
+
+    def down(self, name: bytes) -> os.stat_result:
+        child = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        os.close(self.fd)
+        self.fd = child
+        return os.fstat(child)
+
+    def up(self, parent: _Frame) -> None:
+        fd = os.open(b"..", _DIR_FLAGS, dir_fd=self.fd)
+        os.close(self.fd)
+        self.fd = fd
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != parent.ident:
+            raise StoreError(f"{show(parent.path)}: directory moved while being imported")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class TreeWalk:
@@ -100,24 +139,33 @@ class TreeWalk:
         st = os.lstat(root)
         if not stat.S_ISDIR(st.st_mode):
             return self.leaf(root, root_name, st.st_mode)
+        cur = _Cursor(root)
+        try:
+            return self._walk_dirs(cur, root, root_name, os.fstat(cur.fd))
+        finally:
+            cur.close()
+
+    def _walk_dirs(self, cur: _Cursor, root: bytes, root_name: bytes, st: os.stat_result) -> Node:
         self.nar(nar.DIRECTORY_OPEN)
-        stack = [_Frame(root, root_name, self.list_dir(root))]
+        stack = [_Frame(root, root_name, (st.st_dev, st.st_ino), self.list_dir(cur.fd, root))]
         while True:
             f = stack[-1]
             if f.index < len(f.entries):
-                e = f.entries[f.index]
+                name, kind = f.entries[f.index]
                 f.index += 1
-                self.nar(nar.entry_open(e.name))
-                if e.is_dir(follow_symlinks=False):
+                p = f.path + b"/" + name
+                self.nar(nar.entry_open(name))
+                if kind == _DIR:
                     self.nar(nar.DIRECTORY_OPEN)
-                    stack.append(_Frame(e.path, e.name, self.list_dir(e.path)))
+                    cst = cur.down(name)
+                    stack.append(_Frame(p, name, (cst.st_dev, cst.st_ino), self.list_dir(cur.fd, p)))
                     continue
-                if e.is_symlink():
-                    f.nodes.append(self.symlink(e.path, e.name))
-                elif e.is_file(follow_symlinks=False):
-                    f.nodes.append(self.file(e.path, e.name))
+                if kind == _LINK:
+                    f.nodes.append(self.symlink(p, name, cur.fd))
+                elif kind == _FILE:
+                    f.nodes.append(self.file(p, name, cur.fd))
                 else:
-                    raise _unsupported(e.path, os.lstat(e.path).st_mode)
+                    raise _unsupported(p, kind)
                 self.nar(nar.ENTRY_CLOSE)
                 continue
             stack.pop()
@@ -129,18 +177,32 @@ class TreeWalk:
                 raise ValidationError(f"{show(f.path)}: more than 4 GiB - 1 entries")
             if not stack:
                 return dnode
+            cur.up(stack[-1])
             stack[-1].nodes.append(dnode)
             self.nar(nar.ENTRY_CLOSE)
 
-    def list_dir(self, p: bytes) -> list[os.DirEntry[bytes]]:
-        with os.scandir(p) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            try:
-                validate_name(e.name)
-            except ValidationError as err:
-                raise ValidationError(f"{show(e.path)}: {err}") from None
-        return entries
+    def list_dir(self, fd: int, p: bytes) -> list[tuple[bytes, int]]:
+        """The entries of the open directory `fd` (path `p`), sorted bytewise: (name, kind),
+        kind `_DIR`, `_LINK`, `_FILE` or else the st_mode of what cannot be imported."""
+        out: list[tuple[bytes, int]] = []
+        with os.scandir(fd) as it:
+            for e in it:
+                name = os.fsencode(e.name)
+                try:
+                    validate_name(name)
+                except ValidationError as err:
+                    raise ValidationError(f"{show(p + b'/' + name)}: {err}") from None
+                if e.is_dir(follow_symlinks=False):
+                    kind = _DIR
+                elif e.is_symlink():
+                    kind = _LINK
+                elif e.is_file(follow_symlinks=False):
+                    kind = _FILE
+                else:
+                    kind = e.stat(follow_symlinks=False).st_mode
+                out.append((name, kind))
+        out.sort()
+        return out
 
     def leaf(self, p: bytes, name: bytes, mode: int) -> Node:
         if stat.S_ISLNK(mode):
@@ -149,8 +211,9 @@ class TreeWalk:
             return self.file(p, name)
         raise _unsupported(p, mode)
 
-    def symlink(self, p: bytes, name: bytes) -> SymlinkNode:
-        node = SymlinkNode(name, os.readlink(p))
+    def symlink(self, p: bytes, name: bytes, dir_fd: int | None = None) -> SymlinkNode:
+        target = os.readlink(p if dir_fd is None else name, dir_fd=dir_fd)
+        node = SymlinkNode(name, os.fsencode(target))
         try:
             node.validate()
         except ValidationError as err:
@@ -158,8 +221,8 @@ class TreeWalk:
         self.nar(nar.symlink(node.target))
         return node
 
-    def file(self, p: bytes, name: bytes) -> FileNode:
-        fd = open_nofollow(p)
+    def file(self, p: bytes, name: bytes, dir_fd: int | None = None) -> FileNode:
+        fd = open_nofollow(p) if dir_fd is None else open_nofollow(name, dir_fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -197,7 +260,7 @@ class TreeWalk:
         self.nar(data)
         digest = B3Digest.of(data)
         if digest not in self.pending:
-            keep = self.kept + size <= KEEP_BYTES
+            keep = self.kept + size <= KEEP_BYTES or len(p) > PATH_MAX  # (cannot be opened again)
             self.kept += size if keep else 0
             self.pending[digest] = Pending(digest, p, size, data if keep else None)
         return digest
