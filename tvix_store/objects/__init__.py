@@ -100,6 +100,12 @@ class ObjectStore(ABC):
     def advise(self, keys: list[str]) -> None:
         """Hint: these objects will be read soon (local disks warm them; must not block)."""
 
+    def reclaim(self) -> int:
+        """Give back the disk space of deleted objects where `delete` itself does not (pack
+        files: rewrite those whose live fraction is low); returns the bytes freed. Safe with
+        concurrent readers and writers. Default: nothing to do (deleting freed the space)."""
+        return 0
+
     def close(self) -> None:
         """Release resources."""
 
