@@ -40,7 +40,7 @@ def blake3_of(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")  # \Z: `$` would allow a trailing newline
 
 
 class B3Digest(bytes):

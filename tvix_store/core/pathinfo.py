@@ -17,7 +17,7 @@ from tvix_store.core.errors import ValidationError
 
 STORE_DIR = "/nix/store"
 HASH_LEN = 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9+\-_?=.]{1,211}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9+\-_?=.]{1,211}\Z")  # \Z: `$` would allow a trailing newline
 
 
 @dataclass(frozen=True, slots=True)
