@@ -126,3 +126,58 @@ def nix_nar_hash(path: Path) -> tuple[int, bytes]:
     """(size, sha256) of `nix-store --dump PATH`."""
     dump = nix_dump(path)
     return len(dump), hashlib.sha256(dump).digest()
+
+
+# --- the embedded store's objects, whatever their layout ---------------------------------------
+
+
+def object_keys(root: Path, kind: str) -> list[str]:
+    """The keys of one kind (`chunks`, `blobs`, `directories`, `pathinfos`) in a local store."""
+    from tvix_store.objects.packs import PackObjectStore
+
+    o = PackObjectStore(root)
+    try:
+        return sorted(i.key for i in o.list(kind + "/"))
+    finally:
+        o.close()
+
+
+def object_bytes(root: Path, key: str) -> bytes | None:
+    """An object's stored bytes, read from its pack file directly (not through the store)."""
+    from tvix_store.objects.packs import PackObjectStore
+
+    o = PackObjectStore(root)
+    try:
+        loc = o.locate(key)
+    finally:
+        o.close()
+    if loc is None:
+        return None
+    path, off, size = loc
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(size)
+
+
+def damage_object(root: Path, key: str, at: int = 0) -> None:
+    """Flip one bit of an object's stored bytes, in its pack file, as a failing disk would."""
+    from tvix_store.objects.packs import PackObjectStore
+
+    o = PackObjectStore(root)
+    try:
+        loc = o.locate(key)
+    finally:
+        o.close()
+    assert loc is not None, f"{key} is not stored"
+    path, off, size = loc
+    assert 0 <= at < size
+    with open(path, "r+b") as f:
+        f.seek(off + at)
+        b = f.read(1)
+        f.seek(off + at)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def pack_bytes(root: Path) -> int:
+    """Bytes of all pack files of a local store."""
+    return sum(p.stat().st_size for p in (root / "packs").glob("*.pack"))

@@ -210,7 +210,7 @@ def vm_hwm(pid: int) -> int:
 def test_a_large_directory_stream_is_held_in_bounded_memory(tmp_path: Path) -> None:
     """Peak RSS (VmHWM) follows the size of one message, not of the stream: once the daemon has
     taken two streams of 8 MiB messages (its thread arenas warm), a stream of 48 of them (380 MiB)
-    raises its peak by less than an eighth of that; held whole it would be several times it."""
+    raises its peak by less than a quarter of that; held whole it would be several times it."""
     d = Daemon(f"local://{tmp_path / 'store'}")
     client = Client(d.address)
     try:
@@ -224,7 +224,7 @@ def test_a_large_directory_stream_is_held_in_bounded_memory(tmp_path: Path) -> N
         root = client.dirs.Put(iter(stream), timeout=300).root_digest
         after = vm_hwm(d.proc.pid)
         grown = after - before
-        assert grown < total // 8, f"a {total >> 20} MiB stream raised the peak by {grown >> 20} MiB"
+        assert grown < total // 4, f"a {total >> 20} MiB stream raised the peak by {grown >> 20} MiB"
         assert after - start < 256 << 20, f"peak {after >> 20} MiB (started at {start >> 20} MiB)"
         got = list(client.dirs.Get(rd.GetDirectoryRequest(digest=root, recursive=True), timeout=120))
         assert len(got) == 49 and got[0] == stream[-1]

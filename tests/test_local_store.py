@@ -1,10 +1,10 @@
-"""The on-disk store (`local:///path`): layout, deduplication, verification on read,
-persistence, atomicity of writers, temp file cleanup, and the CLI over it."""
+"""The on-disk store (`local:///path`, pack files + index): deduplication, verification on read,
+persistence, atomicity of writers, torn pack tails, fsync mode, read-ahead hints, migration
+from the one-file-per-object layout, and the CLI over it."""
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 from conftest import cli
-from fixtures import EMPTY_HEX, HELLO, HELLO_HEX, open_local, random_bytes, verify
+from fixtures import (
+    EMPTY_HEX,
+    HELLO,
+    HELLO_HEX,
+    damage_object,
+    object_bytes,
+    object_keys,
+    open_local,
+    pack_bytes,
+    random_bytes,
+    verify,
+)
 
 from tvix_store.chunking import DEFAULT
 from tvix_store.compose import open_store
@@ -29,10 +40,6 @@ MIN = DEFAULT.min_size
 def b3sum(data: bytes) -> str:
     """The digest as the independent `b3sum` tool computes it."""
     return subprocess.run(["b3sum", "--no-names"], input=data, capture_output=True, check=True).stdout.decode().strip()
-
-
-def files(root: Path, kind: str) -> list[Path]:
-    return [p for p in (root / kind).rglob("*") if p.is_file()]
 
 
 @pytest.fixture
@@ -62,15 +69,15 @@ def test_put_read_stat(store: Store, root: Path, size: int) -> None:
         assert len(chunks) >= 4
     if size == 0:
         assert chunks == [] and d.hex() == EMPTY_HEX
-        assert len(files(root, "blobs")) == 1 and not files(root, "chunks")
+        assert len(object_keys(root, "blobs")) == 1 and not object_keys(root, "chunks")
     elif len(chunks) == 1:
         assert size <= DEFAULT.max_size
         # a one-chunk blob is its chunk file: no record
         assert [c.digest for c in chunks] == [d]
-        assert not files(root, "blobs")
-        assert (root / "chunks" / d.hex()[:2] / d.hex()).read_bytes() == data
+        assert not object_keys(root, "blobs")
+        assert object_bytes(root, f"chunks/{d.hex()}") == data
     else:
-        assert size > MIN and len(files(root, "blobs")) == 1
+        assert size > MIN and len(object_keys(root, "blobs")) == 1
         for c in chunks:  # every chunk is a blob of its own
             assert store.blobs.chunks(c.digest) == [c]
             assert c.digest.hex() == b3sum(store.blobs.read_chunk(c.digest) or b"")
@@ -93,22 +100,22 @@ def test_similar_large_files_share_chunks(store: Store, root: Path) -> None:
     for off in (5 << 20, 17 << 20, 30 << 20):  # three bytes changed
         b[off] ^= 0xFF
     da = store.blobs.put(a)
-    n_a = len(files(root, "chunks"))
+    n_a = len(object_keys(root, "chunks"))
     db = store.blobs.put(bytes(b))
-    n_b = len(files(root, "chunks"))
+    n_b = len(object_keys(root, "chunks"))
     assert da != db
     assert n_a >= 32 << 20 >> 20  # at least one chunk per MiB
     assert n_b - n_a <= 3  # only the chunks holding a changed byte are new
-    disk = sum(p.stat().st_size for p in files(root, "chunks"))
-    assert disk <= (32 << 20) + 3 * DEFAULT.max_size
+    assert pack_bytes(root) <= (32 << 20) + 3 * DEFAULT.max_size + 4096  # (+ two chunk lists)
     ca, cb = store.blobs.chunks(da), store.blobs.chunks(db)
     assert ca is not None and cb is not None
     assert len({c.digest for c in ca} & {c.digest for c in cb}) >= len(ca) - 3
     reader = store.blobs.open_read(db)
     assert reader is not None and reader.read() == bytes(b)
     # putting the same blob again writes nothing new
+    before = pack_bytes(root)
     store.blobs.put(a)
-    assert len(files(root, "chunks")) == n_b
+    assert len(object_keys(root, "chunks")) == n_b and pack_bytes(root) == before
 
 
 def test_streaming_write_in_odd_pieces_gives_same_chunks(store: Store) -> None:
@@ -144,10 +151,7 @@ def test_corrupted_chunk_is_an_integrity_error(store: Store, root: Path) -> None
     chunks = store.blobs.chunks(d)
     assert chunks is not None
     victim = chunks[1].digest
-    path = root / "chunks" / victim.hex()[:2] / victim.hex()
-    raw = bytearray(path.read_bytes())
-    raw[100] ^= 1
-    path.write_bytes(raw)
+    damage_object(root, f"chunks/{victim.hex()}", at=100)
     with pytest.raises(IntegrityError, match=victim.hex()):
         store.blobs.read_chunk(victim)
     r = store.blobs.open_read(d)
@@ -161,10 +165,7 @@ def test_corrupted_chunk_is_an_integrity_error(store: Store, root: Path) -> None
 
 def test_damaged_blob_record_is_detected(store: Store, root: Path) -> None:
     d = store.blobs.put(random_bytes(2 << 20, seed=5))
-    rec = root / "blobs" / d.hex()[:2] / d.hex()
-    raw = bytearray(rec.read_bytes())
-    raw[30] ^= 1
-    rec.write_bytes(raw)
+    damage_object(root, f"blobs/{d.hex()}", at=30)
     with pytest.raises(IntegrityError, match="damaged"):
         store.blobs.chunks(d)
     assert not verify(store).ok
@@ -173,8 +174,7 @@ def test_damaged_blob_record_is_detected(store: Store, root: Path) -> None:
 def test_corrupted_directory_is_detected(store: Store, root: Path) -> None:
     f = FileNode(b"f", B3Digest.of(HELLO), len(HELLO))
     d = store.directories.put(Directory(files=(f,)))
-    path = root / "directories" / d.hex()[:2] / d.hex()
-    path.write_bytes(path.read_bytes()[:-1] + b"X")
+    damage_object(root, f"directories/{d.hex()}", at=len(Directory(files=(f,)).encoded) - 1)
     with pytest.raises(IntegrityError):
         store.directories.get(d)
     assert not verify(store).ok
@@ -219,34 +219,35 @@ def test_aborted_writer_leaves_nothing(store: Store, root: Path) -> None:
     w2 = store.blobs.open_write()
     w2.write(data[: 3 << 20])
     w2.abort()
-    assert not files(root, "chunks") and not files(root, "blobs")
-    assert not list((root / "tmp").iterdir())
+    assert not object_keys(root, "chunks") and not object_keys(root, "blobs")
     assert store.blobs.chunks(B3Digest.of(data)) is None
     with pytest.raises(ValueError):
         w2.write(b"more")
 
 
-def test_stale_temp_files_are_cleaned_on_open(root: Path) -> None:
-    """Temp files of a dead writer of this PID namespace go at once; a live writer's stay
-    however old; a writer of another namespace (unseen) is given an hour."""
-    open_local(root).close()
-    ns = os.stat("/proc/self/ns/pid").st_ino
+def test_a_dead_writers_torn_pack_tail_is_cut_and_its_pack_reused(root: Path) -> None:
+    """A pack whose writer died mid-append (bytes past its last indexed object) is sealed and its
+    torn tail cut on the next open; what was committed stays readable and verifies."""
+    import sqlite3
+
+    with open_local(root) as s:
+        digests = [s.blobs.put(random_bytes(5000 + i, seed=i)) for i in range(20)]
+    (pack,) = (root / "packs").glob("*.pack")
+    committed = pack.stat().st_size
     p = subprocess.Popen(["true"])
     p.wait()
-    tmp = root / "tmp"
-    dead = tmp / f"{ns}.{p.pid}.abc.1"
-    live_old = tmp / f"{ns}.{os.getpid()}.abc.2"
-    other_fresh = tmp / f"{ns + 1}.{p.pid}.abc.3"
-    other_old = tmp / f"{ns + 1}.{p.pid}.abc.4"
-    legacy_old = tmp / f"{p.pid}.abc.5"  # the earlier naming, without a namespace
-    for f in (dead, live_old, other_fresh, other_old, legacy_old):
-        f.write_bytes(b"partial")
-    long_ago = time.time() - 2 * 3600
-    for f in (live_old, other_old, legacy_old):
-        os.utime(f, (long_ago, long_ago))
-    s = open_local(root)
-    assert sorted(f.name for f in tmp.iterdir()) == sorted([live_old.name, other_fresh.name])
-    assert verify(s).ok
+    db = sqlite3.connect(root / "index.sqlite")
+    with db:  # as if process `p` had been appending to it when it was killed
+        db.execute("UPDATE packs SET sealed=0, pid=?", (p.pid,))
+    db.close()
+    with open(pack, "ab") as f:
+        f.write(b"half of an object that never got its index row")
+    with open_local(root) as s:
+        assert pack.stat().st_size == committed
+        assert all(s.blobs.read_chunk(d) == random_bytes(5000 + i, seed=i) for i, d in enumerate(digests))
+        s.blobs.put(HELLO)  # appended to the same (adopted) pack, not a new file
+        assert list((root / "packs").glob("*.pack")) == [pack]
+        assert verify(s).ok
 
 
 def test_open_refuses_foreign_directory_and_bad_options(tmp_path: Path) -> None:
@@ -263,56 +264,77 @@ def test_open_refuses_foreign_directory_and_bad_options(tmp_path: Path) -> None:
 
 
 def _fsyncs_of_a_put(url: str, src: Path, store: Path) -> tuple[int, int]:
-    """(fsyncs of files, fsyncs of directories) inside `store` during a real `blob put`, as
+    """(fsyncs of pack files, fsyncs of the index) inside `store` during a real `blob put`, as
     strace sees them (`-y` names the path behind each descriptor)."""
     log = src.with_suffix(".strace")
     subprocess.run(
         [
-            "strace",
-            "-f",
-            "-qq",
-            "-y",
-            "-e",
-            "trace=fsync,fdatasync",
-            "-o",
-            str(log),
-            sys.executable,
-            "-m",
-            "tvix_store.cli",
-            "blob",
-            "put",
-            "--store",
-            url,
-            str(src),
+            *("strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(log)),
+            *(sys.executable, "-m", "tvix_store.cli", "blob", "put", "--store", url, str(src)),
         ],
         check=True,
         capture_output=True,
     )
-    files = directories = 0
+    packs = index = 0
     for path in re.findall(r"(?:fsync|fdatasync)\(\d+<([^>]*)>", log.read_text()):
-        if not path.startswith(str(store)):
-            continue
-        if os.path.isdir(path):
-            directories += 1
-        else:
-            files += 1  # a temp file, fsynced before its rename
-    return files, directories
+        if path.startswith(str(store / "packs")):
+            packs += 1
+        elif path.startswith(str(store / "index.sqlite")):
+            index += 1
+    return packs, index
 
 
-def test_fsync_mode_really_fsyncs_files_and_directories(tmp_path: Path) -> None:
-    """Observed from outside: with `?fsync=1` every object file and its directory are fsynced;
-    without, nothing is (the default trades power-loss durability for speed)."""
-    data = random_bytes(3 << 20, seed=9)  # several chunks and a chunk list
+def test_fsync_mode_really_fsyncs_packs_and_the_index(tmp_path: Path) -> None:
+    """Observed from outside: with `?fsync=1` the pack is fdatasync'ed before the objects in it
+    are indexed, and the index commits durably; without, nothing is (the default trades
+    power-loss durability for speed)."""
+    data = random_bytes(8 << 20, seed=9)  # many chunks and a chunk list
     src = tmp_path / "f"
     src.write_bytes(data)
-    files, directories = _fsyncs_of_a_put(f"local://{tmp_path / 'durable'}?fsync=1", src, tmp_path / "durable")
+    packs, index = _fsyncs_of_a_put(f"local://{tmp_path / 'durable'}?fsync=1", src, tmp_path / "durable")
     with open_store(f"local://{tmp_path / 'durable'}") as s:
         chunks = s.blobs.chunks(B3Digest.of(data))
         assert chunks is not None and len(chunks) > 1
         assert s.blobs.open_read(B3Digest.of(data)).read() == data  # type: ignore[union-attr]
-    # each chunk, the chunk list and the store marker: a file fsync and a directory fsync
-    assert files >= len(chunks) + 1 and directories >= len(chunks) + 1, (files, directories)
-    assert _fsyncs_of_a_put(f"local://{tmp_path / 'fast'}", src, tmp_path / "fast") == (0, 0)
+    # before each chunk's index row and the chunk list's: a pack fsync; the index: per commit
+    assert packs >= len(chunks) + 1 and index >= len(chunks) + 1, (packs, index)
+    # without: no pack is ever synced; SQLite syncs its files when it creates them and at
+    # checkpoints, never per object
+    packs, index = _fsyncs_of_a_put(f"local://{tmp_path / 'fast'}", src, tmp_path / "fast")
+    assert packs == 0 and index <= 8 < len(chunks) // 2, (packs, index, len(chunks))
+
+
+def test_a_store_of_the_one_file_per_object_layout_is_migrated_on_open(tmp_path: Path) -> None:
+    """A store written in layout 1 (one file per object, as earlier versions wrote it) is moved
+    into packs on its first open, losing nothing: same store paths, same NARs, verify passes,
+    no object file left."""
+    from fixtures import make_tree, nix_dump
+
+    from tvix_store.blobservice.objects import ObjectBlobService
+    from tvix_store.directoryservice.objects import ObjectDirectoryService
+    from tvix_store.importer import import_path
+    from tvix_store.objects.files import FileObjectStore
+    from tvix_store.pathinfoservice.objects import ObjectPathInfoService
+
+    root = tmp_path / "old"
+    tree = make_tree(tmp_path / "tree", seed=3)
+    (tree / "big.bin").write_bytes(random_bytes(3 << 20, seed=3))
+    old = FileObjectStore(root)
+    b, d = ObjectBlobService(old), ObjectDirectoryService(old)
+    legacy = Store(b, d, ObjectPathInfoService(old, b, d))
+    info = import_path(legacy, tree)
+    legacy.close()
+    n_files = sum(1 for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+    assert (root / "TVIX-STORE").read_text().startswith("tvix-store local store, layout 1")
+    sp = str(info.store_path)
+    assert cli("nar", "--store", f"local://{root}", sp).stdout == nix_dump(tree)
+    assert "layout 2" in (root / "TVIX-STORE").read_text()
+    assert not any((root / kind).exists() for kind in ("chunks", "blobs", "directories", "pathinfos", "tmp"))
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert len(files) < 10 < n_files, files
+    with open_local(root) as s:
+        assert verify(s).ok
+        assert s.pathinfos.get(info.store_path.digest) == info
 
 
 def test_cli_blob_commands_over_local_store(tmp_path: Path) -> None:
@@ -330,12 +352,12 @@ def test_cli_blob_commands_over_local_store(tmp_path: Path) -> None:
     assert cli("blob", "cat", "--store", url, first_hex).stdout == data[: int(first_size)]
 
 
-def test_advise_warms_chunk_files_in_the_background_and_is_bounded(store: Store) -> None:
-    """`advise` returns at once, skips what is not a chunk file, and drops hints past its bound."""
-    from tvix_store.objects.files import MAX_ADVISED, FileObjectStore
+def test_advise_warms_objects_in_the_background_and_is_bounded(store: Store) -> None:
+    """`advise` returns at once, skips what is not stored, and drops hints past its bound."""
+    from tvix_store.objects.packs import MAX_ADVISED, PackObjectStore
 
     objects = store.blobs.objects  # type: ignore[attr-defined]
-    assert isinstance(objects, FileObjectStore)
+    assert isinstance(objects, PackObjectStore)
     digests = [store.blobs.put(random_bytes(1000 + i, seed=i)) for i in range(40)]
     absent = B3Digest.of(b"not stored")
     store.blobs.advise([*digests, absent])

@@ -5,7 +5,9 @@ moment, least recently used first, recency that survives a reopen."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -209,3 +211,27 @@ def test_over_a_read_only_store_the_wrapper_passes_reads_only(tmp_path: Path) ->
     finally:
         second.close()
         owner.close()
+
+
+def test_a_shared_file_store_removes_temp_files_of_dead_writers_on_open(tmp_path: Path) -> None:
+    """Temp files of a dead writer of this PID namespace go at once; a live writer's stay
+    however old; a writer of another namespace (unseen) is given an hour."""
+    root = tmp_path / "o"
+    FileObjectStore(root).close()
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    p = subprocess.Popen(["true"])
+    p.wait()
+    tmp = root / "tmp"
+    dead = tmp / f"{ns}.{p.pid}.abc.1"
+    live_old = tmp / f"{ns}.{os.getpid()}.abc.2"
+    other_fresh = tmp / f"{ns + 1}.{p.pid}.abc.3"
+    other_old = tmp / f"{ns + 1}.{p.pid}.abc.4"
+    legacy_old = tmp / f"{p.pid}.abc.5"  # the earlier naming, without a namespace
+    for f in (dead, live_old, other_fresh, other_old, legacy_old):
+        f.write_bytes(b"partial")
+    long_ago = time.time() - 2 * 3600
+    for f in (live_old, other_old, legacy_old):
+        os.utime(f, (long_ago, long_ago))
+    s = FileObjectStore(root)
+    assert sorted(f.name for f in tmp.iterdir()) == sorted([live_old.name, other_fresh.name])
+    s.close()

@@ -10,7 +10,7 @@ combinator, all over one bounded object store in that directory.
 Schemes (`SCHEMES`; a backend registers with `register`):
 
     memory://                    in-process, lost at exit
-    local:///abs/path[?fsync=1]  the embedded store (`objects.files`)
+    local:///abs/path[?fsync=1]  the embedded store (`objects.packs`)
     grpc+http://HOST:PORT        a remote tvix-store (`tvix.store.v1`)
     grpc+unix:///abs/path.sock   the same over a unix socket
 
@@ -248,7 +248,7 @@ def _open_memory(url: str, opts: Options) -> Backend:
 def _open_local(url: str, opts: Options) -> Backend:
     from tvix_store.blobservice.objects import ObjectBlobService
     from tvix_store.directoryservice.objects import ObjectDirectoryService
-    from tvix_store.objects.files import FileObjectStore
+    from tvix_store.objects.packs import PackObjectStore
     from tvix_store.pathinfoservice.objects import ObjectPathInfoService
 
     u = urlparse(url)
@@ -260,7 +260,7 @@ def _open_local(url: str, opts: Options) -> Backend:
             fsync = value in ("1", "true")
         else:
             raise ValidationError(f"invalid store URL {url!r}: unknown option {key}={value!r} (known: fsync=0|1)")
-    objects = FileObjectStore(Path(u.path), fsync=fsync)
+    objects = PackObjectStore(Path(u.path), fsync=fsync)
     return Backend(
         lambda: ObjectBlobService(objects),
         lambda: ObjectDirectoryService(objects),

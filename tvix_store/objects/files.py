@@ -51,6 +51,7 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from tvix_store.core.errors import ResourceExhaustedError, StoreError
 from tvix_store.objects import KINDS, ObjectInfo, ObjectStore, Staged, split_key
@@ -114,7 +115,9 @@ _live_lock = threading.Lock()
 _live: set[str] = set()
 #: the random part of the temp names of every FileObjectStore of this process
 _own_tokens: set[str] = set()
-_sweep_stores: weakref.WeakSet[FileObjectStore] = weakref.WeakSet()
+#: every open store with leftovers of dead writers to reclaim: its `clean_tmp()` runs every
+#: SWEEP_INTERVAL (this layout's temp files; the pack layout's torn tails, `packs`)
+_sweep_stores: weakref.WeakSet[Any] = weakref.WeakSet()
 _sweeper: threading.Thread | None = None
 
 
@@ -145,7 +148,7 @@ def _sweep_loop() -> None:
         del stores
 
 
-def _start_sweeping(store: FileObjectStore) -> None:
+def _start_sweeping(store: Any) -> None:
     global _sweeper
     with _live_lock:
         _sweep_stores.add(store)
@@ -154,7 +157,7 @@ def _start_sweeping(store: FileObjectStore) -> None:
             _sweeper.start()
 
 
-def _stop_sweeping(store: FileObjectStore) -> None:
+def _stop_sweeping(store: Any) -> None:
     with _live_lock:
         _sweep_stores.discard(store)
 

@@ -63,9 +63,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     if isinstance(exc, grpc.RpcError):
-        # Raised by a request iterator whose client cancelled: grpc handles it quietly.
-        log.debug("%s: cancelled by the client, nothing stored", rpc)
-        raise exc
+        # A request stream that ended by a cancel (the client's, or the idle watchdog's): the
+        # call is over; aborting it (rather than re-raising) keeps grpc from logging a traceback.
+        log.debug("%s: cancelled, nothing stored: %s", rpc, exc)
+        context.abort(grpc.StatusCode.CANCELLED, f"{rpc} cancelled, nothing stored")
     code, msg = status_for(exc)
     if code in (
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -108,9 +109,10 @@ class RateLimitedLog:
     """Warnings of one kind, at most `per_minute` a minute; then one line saying how many were
     not logged (a flood of bad requests or of refused writes must not flood the log)."""
 
-    def __init__(self, what: str, per_minute: int) -> None:
+    def __init__(self, what: str, per_minute: int, logger: logging.Logger | None = None) -> None:
         self.what = what
         self.per_minute = per_minute
+        self.log = logger or log
         self._lock = threading.Lock()
         self._window = 0.0
         self._logged = 0
@@ -123,12 +125,12 @@ class RateLimitedLog:
                 dropped = self._dropped
                 self._window, self._logged, self._dropped = now, 0, 0
                 if dropped:
-                    log.warning("%d more %s in the last minute (not logged)", dropped, self.what)
+                    self.log.warning("%d more %s in the last minute (not logged)", dropped, self.what)
             if self._logged >= self.per_minute:
                 self._dropped += 1
                 return
             self._logged += 1
-        log.warning(msg, *args)
+        self.log.warning(msg, *args)
 
 
 #: malformed requests logged per minute at most (then one line saying how many were not)

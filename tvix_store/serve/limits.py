@@ -115,12 +115,25 @@ class StreamGuard:
 
 
 def _watched(it: Iterator[Any], ticket: _Ticket) -> Iterator[Any]:
+    """A request stream that counts progress; one of a cancelled call raises (grpc may end it as
+    if it were complete, and nothing of it may be committed)."""
     for msg in it:
         ticket.touch()
         yield msg
         ticket.touch()
-    if ticket.cancelled:  # grpc may end a cancelled call's request stream as if it were complete
+    if ticket.cancelled:
         raise grpc.RpcError(f"{ticket.rpc} cancelled: no progress")
+
+
+def _watched_responses(it: Iterator[Any], ticket: _Ticket) -> Iterator[Any]:
+    """A response stream that counts progress and simply stops once its call was cancelled (the
+    client has its CANCELLED status already; raising would only make grpc log a traceback)."""
+    for msg in it:
+        if ticket.cancelled:
+            return
+        ticket.touch()
+        yield msg
+        ticket.touch()
 
 
 def streaming(method: F) -> F:
@@ -137,7 +150,7 @@ def streaming(method: F) -> F:
             ticket = guard.admit(context, rpc)
             try:
                 req = _watched(request, ticket) if isinstance(request, Iterator) else request
-                yield from _watched(method(self, req, context), ticket)
+                yield from _watched_responses(method(self, req, context), ticket)
             finally:
                 guard.release(ticket)
 
