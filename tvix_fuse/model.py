@@ -44,6 +44,8 @@ BLOBS_INO = 2
 DIRECTORIES_INO = 3
 STORE_INO = 4
 
+#: every extended attribute the mount has starts with this
+XATTR_PREFIX = b"user.tvix."
 XATTR_BLOB = b"user.tvix.castore.blob.digest"
 XATTR_DIRECTORY = b"user.tvix.castore.directory.digest"
 XATTR_STATS = b"user.tvix.stats."

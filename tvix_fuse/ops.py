@@ -8,6 +8,7 @@ write-like request is EROFS. No filesystem logic lives here.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ import pyfuse3
 import trio
 
 from tvix_fuse.errors import NoEntry, RequestTimeout, errno_for
-from tvix_fuse.model import Attr, FsModel
+from tvix_fuse.model import XATTR_PREFIX, Attr, FsModel
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -148,8 +149,15 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    @_adapt
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        # `ls -l` asks every file for security.selinux and system.posix_acl_access: answered
+        # here, before any deadline scope or model call (a FUSE round trip is the whole cost)
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._getxattr(inode, name)
+
+    @_adapt
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         return await self.model.getxattr(inode, name)
 
     @_adapt

@@ -74,13 +74,13 @@ class Uploader:
         self,
         fd: int,
         p: bytes,
-        digest: B3Digest,
+        digest: B3Digest | None,
         feed: Callable[[bytes], None],
         report: Callable[[int], None],
-    ) -> int:
+    ) -> tuple[int, B3Digest]:
         """Read the file from `fd`'s position, passing every piece to `feed` (the NAR hash) here
-        and uploading it from a helper thread; returns the bytes read. StoreError if the upload
-        fails or the file no longer hashes to `digest`."""
+        and uploading it from a helper thread; returns the bytes read and the blob's digest.
+        StoreError if the upload fails or the file no longer hashes to `digest` (when given)."""
         q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         result: list[B3Digest | BaseException] = []
 
@@ -112,11 +112,11 @@ class Uploader:
         got = result[0] if result else StoreError("upload thread ended without a result")
         if isinstance(got, BaseException):
             raise got
-        if got != digest:
+        if digest is not None and got != digest:
             raise StoreError(f"{show(p)}: file changed while being imported")
-        self.settled.add(digest)
+        self.settled.add(got)
         self._count(total)
-        return total
+        return total, got
 
     def settle_small(self, pending: Iterable[Pending]) -> None:
         """Upload the small blobs the store lacks, in batches (from `workers` threads if > 0)."""

@@ -266,8 +266,10 @@ class TreeWalk:
         return digest
 
     def big_file(self, fd: int, p: bytes, size: int) -> B3Digest:
-        # pass 1: BLAKE3 only (fast), to ask the store before uploading anything
-        h = new_hasher(large=True)
+        up = self.uploader
+        # pass 1: BLAKE3 only (fast), to ask the store before writing anything (a re-import of
+        # an unchanged file then costs one read and two hashes)
+        h = new_hasher()  # 1 MiB pieces: one thread is faster (measured)
         buf = bytearray(READ_SIZE)
         view = memoryview(buf)
         total = 0
@@ -282,7 +284,6 @@ class TreeWalk:
         digest = B3Digest(h.digest())
         # pass 2: the NAR hash, and the upload if the store lacks the blob
         os.lseek(fd, 0, os.SEEK_SET)
-        up = self.uploader
         if up.present(digest):
             total = 0
             while n := os.readv(fd, [buf]):
@@ -291,7 +292,7 @@ class TreeWalk:
                 self.report("hashing", total)
             up.settled.add(digest)
         else:
-            total = up.stream(fd, p, digest, self.nar, lambda n: self.report("uploading", n))
+            total, _ = up.stream(fd, p, digest, self.nar, lambda n: self.report("uploading", n))
         if total != size:
             raise StoreError(f"{show(p)}: file changed while being imported")
         return digest
