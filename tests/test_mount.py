@@ -203,9 +203,36 @@ def test_xattrs(mount: Path, data: Data) -> None:
     with pytest.raises(OSError) as ei:
         os.getxattr(tree / "a.txt", "user.nope")
     assert ei.value.errno == errno.ENODATA
+    for foreign in ("security.selinux", "system.posix_acl_access"):  # what `ls -l` asks for
+        with pytest.raises(OSError) as ei:
+            os.getxattr(tree / "a.txt", foreign)
+        assert ei.value.errno == errno.ENODATA
     stats = [n for n in os.listxattr(mount) if n.startswith("user.tvix.stats.")]
     assert "user.tvix.stats.mount.lookups" in stats
     assert int(os.getxattr(mount, "user.tvix.stats.mount.lookups")) > 0
+
+
+def test_no_xattrs_mount_lists_the_same_and_has_no_attributes(data: Data, tmp_path: Path) -> None:
+    """`--no-xattrs`: the mount answers ENOSYS once and the kernel then refuses every getxattr
+    itself (EOPNOTSUPP); everything else is unchanged (`ls -l` lists the same entries)."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    m = MountProc(mp, data.url, "--no-xattrs")
+    try:
+        tree = mp / "store" / data.tree_name
+        for _ in range(2):
+            for target, name in (
+                (tree / "a.txt", "user.tvix.castore.blob.digest"),
+                (mp, "user.tvix.stats.mount.lookups"),
+            ):
+                with pytest.raises(OSError) as ei:
+                    os.getxattr(target, name)
+                assert ei.value.errno == errno.EOPNOTSUPP
+        listing = subprocess.run(["ls", "-l", "--time-style=+", str(tree)], capture_output=True, check=True)
+        names = [ln.split(None, 5)[5] for ln in listing.stdout.decode().splitlines()[1:]]
+        assert [n.split(" -> ")[0] for n in names] == sorted(os.listdir(data.src), key=os.fsencode)
+    finally:
+        m.cleanup()
 
 
 def test_read_only_and_bad_names(mount: Path, data: Data) -> None:

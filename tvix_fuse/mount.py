@@ -121,17 +121,19 @@ def run_foreground(
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
     timeout: float = 10.0,
+    xattrs: bool = True,
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or SIGINT/SIGTERM (main thread only).
 
     `on_ready()` is called once, on the trio loop, when a stat of the mount root has been
     answered; it must not block. `timeout` is the remote's deadline: no request waits longer
-    than it and a second. Raises StoreError if the mount cannot be made.
+    than it and a second. `xattrs` False: no extended attributes at all (the kernel stops asking:
+    fast `ls -l`). Raises StoreError if the mount cannot be made.
     """
     mp = check_mountpoint(mountpoint)
     check_fuse()
     model = FsModel(store, store_root=store_root, deadline=timeout + 1.0)
-    ops = Operations(model)
+    ops = Operations(model, xattrs=xattrs)
     stop = _Stop()
     saved = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

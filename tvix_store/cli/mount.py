@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
             log.info("mounted %s at %s", store.url or "store", mp)
 
         run_foreground(
-            store, mp, store_root=args.store_root, allow_other=args.allow_other, on_ready=ready, timeout=args.timeout
+            store,
+            mp,
+            store_root=args.store_root,
+            allow_other=args.allow_other,
+            on_ready=ready,
+            timeout=args.timeout,
+            xattrs=args.xattrs,
         )
     return 0
 
