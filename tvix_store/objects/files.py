@@ -1,5 +1,6 @@
-"""`FileObjectStore`: one file per object in a directory — the embedded store's layout and the
-persistent cache's (one layout for both).
+"""`FileObjectStore`: one file per object in a directory — the persistent cache's layout (where
+evicting an object is an unlink), and the embedded store's before packs (`packs` converts a
+store directory of this layout on its first open).
 
 Layout (version 1; `KIND/NAME` keys of `tvix_store.objects`):
 
