@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, cli
-from fixtures import HELLO, open_local, pack_bytes, random_bytes, verify
+from fixtures import HELLO, nix_dump, open_local, pack_bytes, random_bytes, verify
 from mountutil import wait_until
 
 from tvix_store.compose import open_store
@@ -134,7 +134,12 @@ def pack_of(root: Path, pid: int) -> tuple[bool, int, int] | None:
 
 def mid_write(root: Path, pid: int) -> bool:
     """Writer `pid` has written at least 2 MiB it has not indexed (staged chunks)."""
-    p = pack_of(root, pid)
+    import sqlite3
+
+    try:
+        p = pack_of(root, pid)
+    except (sqlite3.OperationalError, FileNotFoundError):  # the store is not created yet
+        return False
     return p is not None and p[1] - p[2] >= 2 << 20
 
 
@@ -172,6 +177,49 @@ def test_kill9_cli_blob_put_mid_write(tmp_path: Path) -> None:
         assert d == B3Digest.of(data) and s.blobs.open_read(d).read() == data  # type: ignore[union-attr]
         assert verify(s).ok
         s.close()
+
+
+def test_kill9_import_at_random_instants(tmp_path: Path) -> None:
+    """`tvix-store import` of a tree (a 6 MiB file, then 400 small ones) killed at random
+    instants (bounded rounds, each into a fresh store: odd ones at any instant of a run, even
+    ones once its staged chunks prove it mid-write): after each the store verifies, and the
+    store path is either absent or whole (its NAR equals `nix-store --dump`); an import into
+    the last killed store completes."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    rng = random.Random(77)
+    (src / "big").write_bytes(rng.randbytes(6 << 20))
+    for i in range(400):
+        (src / "d" / f"f{i:03}").write_bytes(rng.randbytes(rng.randrange(0, 20_000)))
+    want = nix_dump(src)
+    t0 = time.monotonic()
+    cli("import", "--store", f"local://{tmp_path / 'timing'}", str(src))
+    span = time.monotonic() - t0
+    landed = 0
+    for r in range(6):
+        root = tmp_path / f"store{r}"
+        url = f"local://{root}"
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tvix_store.cli", "import", "--store", url, str(src)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if r % 2:
+            time.sleep(rng.uniform(0.05, span))
+        else:
+            wait_until(lambda p=p, root=root: p.poll() is not None or mid_write(root, p.pid), what="staged chunks")
+        p.kill()
+        out, err = p.communicate()
+        assert p.returncode in (0, -signal.SIGKILL), err.decode(errors="replace")
+        landed += p.returncode == -signal.SIGKILL
+        rep = verify(open_local(root))
+        assert rep.ok, rep.problems
+        for path in cli("path", "list", "--store", url).stdout.decode().split():
+            assert cli("nar", "--store", url, path).stdout == want
+    assert landed >= 3, f"only {landed} of 6 kills landed before the import finished"
+    path = cli("import", "--store", url, str(src)).stdout.decode().strip()
+    assert cli("nar", "--store", url, path).stdout == want
+    assert verify(open_local(root)).ok
 
 
 def test_kill9_daemon_during_a_grpc_put(tmp_path: Path) -> None:

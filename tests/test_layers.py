@@ -27,8 +27,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("tvix_store.nar",),
     ("tvix_store.pathinfoservice",),
     ("tvix_store.store",),
-    ("tvix_store.verify", "tvix_store.compose", "tvix_store.admission"),
+    ("tvix_store.verify", "tvix_store.compose", "tvix_store.admission", "tvix_store.gc"),
     ("tvix_store.importer", "tvix_store.serve"),
+    ("tvix_store.narbridge",),
     ("tvix_fuse",),
     ("tvix_store.cli",),
 ]
@@ -47,6 +48,8 @@ CONFINED = {
     "grpc_health": ("tvix_store.remote", "tvix_store.serve"),
     "grpc_reflection": ("tvix_store.serve",),
     "google.protobuf": ("tvix_store.protocol",),
+    "aiohttp": ("tvix_store.narbridge.app", "tvix_store.narbridge.server"),
+    "cryptography": ("tvix_store.narbridge.signing",),
 }
 
 

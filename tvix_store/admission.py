@@ -11,7 +11,8 @@ can leave it inconsistent or change what a store path means:
   store (every Directory and blob present; PreconditionError naming the first missing one)
   and, when it carries a narinfo, its NarSize/NarHash equal those of the NAR the store renders
   from the node (ValidationError otherwise). The NAR is computed by the store, once per root
-  (an LRU by node). A store path that exists already is never replaced: a PathInfo for it that
+  (an LRU by node, emptied whenever a gc has swept since: `epoch`, as the closure it vouches
+  for may be gone). A store path that exists already is never replaced: a PathInfo for it that
   differs in anything but signatures is refused (ConflictError → ALREADY_EXISTS); an identical
   one is accepted and its new signatures are added to the stored ones. Puts of one store
   path are serialised within this process.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 
 from tvix_store.core.castore import Directory, DirectoryNode, FileNode, Node, SymlinkNode
@@ -65,10 +67,16 @@ def _show(name: bytes) -> str:
 class Admission:
     """The cross-object checks of writes into `store` (see the module docstring). Thread-safe."""
 
-    def __init__(self, store: Store, nar_cache_entries: int = NAR_CACHE_ENTRIES) -> None:
+    def __init__(
+        self, store: Store, nar_cache_entries: int = NAR_CACHE_ENTRIES, epoch: Callable[[], object] | None = None
+    ) -> None:
         self.store = store
         self._nars: OrderedDict[NarKey, tuple[int, bytes]] = OrderedDict()
         self._nar_cap = nar_cache_entries
+        #: which gc sweeps have run (`tvix_store.gc.sweep_epoch`): a cached NAR says the closure
+        #: was complete, which a sweep since may have changed, so the cache lives one epoch
+        self._epoch_of = epoch
+        self._epoch: object = None
         self._nar_lock = threading.Lock()
         self._path_locks = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -107,6 +115,7 @@ class Admission:
         key = _nar_key(node)
         if key is not None:
             with self._nar_lock:
+                self._same_epoch()
                 hit = self._nars.get(key)
                 if hit is not None:
                     self._nars.move_to_end(key)
@@ -131,6 +140,26 @@ class Admission:
                 while len(self._nars) > self._nar_cap:
                     self._nars.popitem(last=False)
         return got
+
+    def known_nar(self, node: Node, size: int, sha256: bytes) -> None:
+        """Remember the NAR of `node` as computed by this process from the very bytes it put into
+        the store (nar-bridge's upload, `importer.nar.read_nar`), so `put_pathinfo` need not
+        render it again."""
+        key = _nar_key(node)
+        if key is not None:
+            with self._nar_lock:
+                self._same_epoch()
+                self._nars[key] = (size, sha256)
+                while len(self._nars) > self._nar_cap:
+                    self._nars.popitem(last=False)
+
+    def _same_epoch(self) -> None:
+        """Forget every cached NAR when a gc has swept since (`_nar_lock` held)."""
+        if self._epoch_of is not None:
+            now = self._epoch_of()
+            if now != self._epoch:
+                self._nars.clear()
+                self._epoch = now
 
     def _check_file_root(self, node: FileNode) -> None:
         size = self.blob_size(node.digest)

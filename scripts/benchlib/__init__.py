@@ -8,7 +8,7 @@ Layout, one job per module:
 - `peers`: installing and driving the peers (nix-store, borg, casync, rclone, nginx).
 - `runner`: the bench context and the interleaving runner (run 1 of every subject, then run 2 …).
 - `reads`: the timed reads (find | xargs cat, dd, ls -lR, first byte) and their content checks.
-- `rows_import`, `rows_mount`, `rows_remote`, `rows_latency`: the row groups.
+- `rows_import`, `rows_mount`, `rows_remote`, `rows_latency`, `rows_gc`: the row groups.
 - `cli`: arguments, the main loop, the final table.
 
 Not an importable library for the project: it drives `tvix-store` only through its command

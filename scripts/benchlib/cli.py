@@ -26,10 +26,13 @@ from pathlib import Path
 from .data import make_data
 from .peers import ensure_peers
 from .results import Row, format_table
+from .rows_gc import rows_gc
 from .rows_import import rows_import
 from .rows_latency import rows_latency
 from .rows_mount import rows_mount
+from .rows_narbridge import rows_narbridge
 from .rows_remote import rows_remote
+from .rows_storage import rows_storage
 from .runner import Bench
 from .util import CLEANUP, WARNINGS, BenchError, MiB, log, on_signal, say, sweep
 
@@ -38,6 +41,9 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "mount": rows_mount,
     "remote": rows_remote,
     "latency": rows_latency,
+    "gc": rows_gc,
+    "storage": rows_storage,
+    "narbridge": rows_narbridge,
 }
 
 

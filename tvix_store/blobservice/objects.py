@@ -7,7 +7,8 @@ remote-aware and not a cache policy: that is `cached`.
 
 - `open_write()` cuts the stream into content-defined chunks (`tvix_store.chunking`) as it
   arrives, hashes each chunk and the whole blob (BLAKE3), skips chunks already stored
-  (deduplication) and stages new ones (`ObjectStore.stage`). `close()` commits the staged
+  (deduplication: they are `touch`ed instead, so gc's grace period counts from this use) and
+  stages new ones (`ObjectStore.stage`). `close()` commits the staged
   chunks, then writes the chunk list if there is more than one chunk. An aborted or killed
   writer leaves nothing visible. Memory per writer: at most one unfinished chunk (≤ 1 MiB)
   plus `MAX_INFLIGHT` chunks being hashed and written by the shared pool.
@@ -153,7 +154,9 @@ def _chunk_pool() -> ThreadPoolExecutor:
 
 def _store_chunk(objects: ObjectStore, chunk: bytes | bytearray | memoryview) -> _Stored:
     digest = blake3_of(chunk)
-    if objects.has(chunk_key(digest)):
+    key = chunk_key(digest)
+    if objects.has(key):
+        objects.touch(key)  # relied on: young again for gc's grace period (docs/storage.md)
         return digest, len(chunk), None  # deduplicated: already stored
     return digest, len(chunk), objects.stage(chunk)
 
@@ -168,7 +171,7 @@ class ObjectBlobWriter(BlobWriter):
     def __init__(self, objects: ObjectStore, params: ChunkParams) -> None:
         self._objects = objects
         self._chunker = Chunker(params)
-        self._hasher = new_hasher(large=True)
+        self._hasher = new_hasher()  # 1 MiB pieces: one thread is faster (measured)
         self._pending = bytearray()
         self._inflight: deque[Future[_Stored]] = deque()
         self._chunks: list[ChunkMeta] = []
@@ -234,7 +237,8 @@ class ObjectBlobWriter(BlobWriter):
                 self._staged.pop(0)
             digest = B3Digest(self._hasher.digest())
             if len(self._chunks) != 1:
-                self._objects.put(list_key(digest), encode_chunk_list(self._chunks))
+                if not self._objects.put(list_key(digest), encode_chunk_list(self._chunks)):
+                    self._objects.touch(list_key(digest))  # present already: relied on, so young again
             elif self._chunks[0].digest != digest:  # pragma: no cover - a one-chunk blob is its chunk
                 raise StoreError("internal error: the single chunk's digest differs from the blob's")
         except BaseException:

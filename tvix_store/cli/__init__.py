@@ -1,7 +1,8 @@
 """The `tvix-store` command line: argument parsing, dispatch, and the one error→exit map.
 
 This package is the top layer: the only place that wires `tvix_store` and `tvix_fuse`
-together. One module per command group (`blob`, `nar`, `importing`, `daemon`, `mount`);
+together. One module per command group (`blob`, `nar`, `importing`, `daemon`, `mount`,
+`paths` for `path list|info|rm`, `maint` for `gc` and `verify`, `narbridge`);
 this module holds the parser, the options every store-opening command shares (`--store`
 and the per-service overrides `--blob-store`, `--directory-store`, `--pathinfo-store`,
 `--timeout`, and for the mount `--cache-dir`/`--cache-size`) and `main`.
@@ -72,6 +73,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _duration_arg(text: str) -> float:
+    from tvix_store.gc import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -107,6 +117,19 @@ def _add_store(p: argparse.ArgumentParser, cache: bool = False) -> None:
             metavar="BYTES",
             help="bound of the cache (suffixes K/M/G; default 10G on disk, 256M in memory without --cache-dir)",
         )
+
+
+def _add_bridge(p: argparse.ArgumentParser) -> None:
+    """The options of the HTTP binary cache (`nar-bridge`, `daemon --nar-bridge`)."""
+    p.add_argument(
+        "--sign-key-file",
+        action="append",
+        metavar="FILE",
+        help="sign every narinfo served with this key (from nix-store --generate-binary-cache-key); repeatable",
+    )
+    p.add_argument(
+        "--priority", type=int, default=39, metavar="N", help="Priority in nix-cache-info (default 39; lower first)"
+    )
 
 
 def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) -> Store:
@@ -170,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(d)
     d.add_argument("--mount", metavar="DIR", help="also mount the store at DIR")
     d.add_argument(
+        "--nar-bridge", metavar="ADDR", help="also serve the store as a Nix HTTP binary cache on ADDR (HOST:PORT)"
+    )
+    _add_bridge(d)
+    d.add_argument(
         "--max-streams",
         type=_positive_int,
         default=128,
@@ -226,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-root", action="store_true", help="show the store paths at the root (stand-in for /nix/store)"
     )
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument(
+        "--no-xattrs",
+        dest="xattrs",
+        action="store_false",
+        help="no extended attributes (digests, stats): the kernel stops asking, `ls -l` of big directories "
+        "gets about 10x faster",
+    )
     m.add_argument("--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=_lazy("tvix_store.cli.mount", "run"))
@@ -234,6 +268,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(n)
     n.add_argument("store_path", metavar="STORE_PATH")
     n.set_defaults(func=_lazy("tvix_store.cli.nar", "run"))
+
+    nb = sub.add_parser("nar-bridge", help="serve the store as a Nix HTTP binary cache (nix copy, substituters)")
+    nb.add_argument("--listen", default="127.0.0.1:9000", metavar="ADDR", help="HOST:PORT or unix:/path")
+    _add_store(nb)
+    _add_bridge(nb)
+    nb.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="abandon an upload or download that makes no progress for this long (default 60)",
+    )
+    nb.set_defaults(func=_lazy("tvix_store.cli.narbridge", "run"))
+
+    pa = sub.add_parser("path", help="list, describe and remove store paths")
+    pasub = pa.add_subparsers(dest="path_command", metavar="SUBCOMMAND", required=True)
+    pl = pasub.add_parser("list", help="every store path, one a line")
+    _add_store(pl)
+    pl.add_argument("--json", action="store_true", help="one JSON object a line: path, narSize, narHash, references")
+    pl.set_defaults(func=_lazy("tvix_store.cli.paths", "list_paths"))
+    pi = pasub.add_parser("info", help="a store path's root node, NAR size and hash, references, signatures")
+    _add_store(pi)
+    pi.add_argument("--json", action="store_true", help="one JSON object")
+    pi.add_argument("store_path", metavar="STORE_PATH")
+    pi.set_defaults(func=_lazy("tvix_store.cli.paths", "info"))
+    pr = pasub.add_parser("rm", help="remove path infos (their data goes with the next gc)")
+    _add_store(pr)
+    pr.add_argument("store_paths", nargs="+", metavar="STORE_PATH")
+    pr.set_defaults(func=_lazy("tvix_store.cli.paths", "rm"))
+
+    g = sub.add_parser("gc", help="delete Directories, blobs and chunks no store path reaches")
+    _add_store(g)
+    g.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    g.add_argument(
+        "--grace",
+        type=_duration_arg,
+        default=3600.0,
+        metavar="DURATION",
+        help="keep objects written or used within this long, reachable or not: 0s, 15m, 2h, 1d (default 1h)",
+    )
+    g.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="STORE_PATH",
+        help="also a root (repeatable); needed when the path infos are in another store (--pathinfo-store)",
+    )
+    g.set_defaults(func=_lazy("tvix_store.cli.maint", "gc"))
+    v = sub.add_parser("verify", help="re-hash every object and check every reference")
+    _add_store(v)
+    v.add_argument("--repair-from", metavar="URL", help="fetch bad or missing objects from this store, verified")
+    v.set_defaults(func=_lazy("tvix_store.cli.maint", "verify"))
     return p
 
 

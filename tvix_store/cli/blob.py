@@ -6,13 +6,14 @@ import argparse
 import sys
 
 from tvix_store.cli import StoreNotFound, open_store_from_args
+from tvix_store.gc import writing
 
 
 def put(args: argparse.Namespace) -> int:
     with open_store_from_args(args) as store:
         src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
         try:
-            with store.blobs.open_write() as w:
+            with writing(store), store.blobs.open_write() as w:
                 while buf := src.read(1 << 20):
                     w.write(buf)
             digest = w.close()

@@ -50,7 +50,9 @@ class ObjectDirectoryService(DirectoryService):
         return self.objects.has(directory_key(digest))
 
     def _store(self, directory: Directory) -> None:
-        self.objects.put(directory_key(directory.digest), directory.encoded)
+        key = directory_key(directory.digest)
+        if not self.objects.put(key, directory.encoded):
+            self.objects.touch(key)  # present already: relied on, so young again for gc's grace period
 
     def delete(self, digest: B3Digest) -> None:
         self.objects.delete(directory_key(digest))

@@ -12,7 +12,7 @@
    `put_graph` call, leaves first (one Put stream against a remote; skipped if the store
    has the root Directory), then the PathInfo. A failure anywhere stores no PathInfo.
 
-The store path name is Nix's `baseNameOf(PATH)`. This package is not a NAR parser (there is
+The store path name is Nix's `baseNameOf(PATH)`. NAR parsing is `importer.nar` (there is
 no `import` of a `.nar` file) and does not scan references (imported paths have none).
 
 Measured (2-core VM shared with other jobs, so noisy; BENCH.md data, local store, CLI,
@@ -29,6 +29,7 @@ import os
 from tvix_store.core.castore import DirectoryNode
 from tvix_store.core.errors import IntegrityError, ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, StorePath
+from tvix_store.gc import writing
 from tvix_store.importer.upload import Progress, Uploader
 from tvix_store.importer.walk import KEEP_BYTES, SMALL_FILE, TreeWalk, nix_basename
 from tvix_store.store import Store
@@ -63,7 +64,16 @@ def import_path(
     prints (`info.store_path`). Raises ValidationError for something that cannot be
     imported (naming the path), StoreError/OSError for failures; no PathInfo is stored then.
     `workers`: threads for the small-blob phase (default: WORKERS for a remote blob service, else 0).
+    Holds the GC lock of a local store shared throughout (`tvix_store.gc.writing`): no gc
+    sweeps while objects it wrote or found present are not yet reachable from its PathInfo.
     """
+    with writing(store):
+        return _import_path(store, path, progress, workers)
+
+
+def _import_path(
+    store: Store, path: str | os.PathLike[str], progress: Progress | None, workers: int | None
+) -> PathInfo:
     if workers is None:
         workers = WORKERS if store.blobs.capabilities.is_remote else 0
     text = os.fspath(path)

@@ -7,10 +7,13 @@ they own in one ObjectStore, named by keys of the form `KIND/NAME` (`KINDS`):
     blobs/<64 hex>         the chunk list of a blob (`tvix_store.core.chunks` record)
     directories/<64 hex>   a Directory's deterministic protobuf encoding
     pathinfos/<nixbase32>  a PathInfo protobuf message, by store path hash
+    narbridge/<name>       nar-bridge's records: an uploaded NAR's root node by sha256
+                           (`nar-<nixbase32>`), a store path's Deriver and CA (`path-<nixbase32>`)
 
-Backends are siblings: `files` (one file per object: the embedded store and the persistent
-cache), `memory`; the size-bounded LRU wrapper `bounded` turns any of them into a cache's near
-side. Packs, S3 and friends plug in here later, below the services, without them changing.
+Backends are siblings: `packs` (pack files + a SQLite index: the embedded store), `files` (one
+file per object: the persistent cache), `memory`; the size-bounded LRU wrapper `bounded` turns
+any of them into a cache's near side. S3 and friends plug in here later, below the services,
+without them changing.
 
 Contract (every backend):
 - `put` is put-if-absent (unless `replace`), atomic: an object is visible whole or not at all.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from tvix_store.core.capabilities import LOCAL, Capabilities
 
-KINDS = ("chunks", "blobs", "directories", "pathinfos")
+KINDS = ("chunks", "blobs", "directories", "pathinfos", "narbridge")
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,8 +71,9 @@ MIGRATE_LOCK = "MIGRATE.lock"
 #: a pack grows to this size, then its writer starts a new one: repacking one rewrites at most
 #: this much, and a store of N GiB is 4N files
 PACK_SIZE = 256 << 20
-#: `reclaim` rewrites a sealed pack whose live bytes are below this fraction of its size
-REPACK_BELOW = 0.5
+#: `reclaim` rewrites a sealed pack whose live bytes are below this fraction of its size: after
+#: a gc at most 10 % of a pack is dead space, at a cost of at most 9 bytes copied per byte freed
+REPACK_BELOW = 0.9
 #: open pack file descriptors kept (read side)
 OPEN_PACKS = 256
 #: read-ahead hints: objects waiting at most, and threads issuing them
@@ -222,7 +223,7 @@ class PackObjectStore(ObjectStore):
             if text == MARKER_TEXT:
                 return  # another process did it while this one waited
             if text is None:
-                known = {*KINDS, "tmp", MARKER, PACKS, MIGRATE_LOCK, "LOCK"}
+                known = {*KINDS, "tmp", MARKER, PACKS, MIGRATE_LOCK, "LOCK", "gc.lock", "gc.gate"}
                 foreign = sorted(p.name for p in root.iterdir() if p.name not in known and not p.name.startswith(INDEX))
                 if foreign:
                     raise StoreError(
@@ -553,6 +554,8 @@ class PackObjectStore(ObjectStore):
     def _willneed(self, keys: list[str]) -> None:
         try:
             for key in keys:
+                if self._closed:  # close() waits for this thread: stop soon
+                    break
                 loc = self._locate(key)
                 if loc is None:
                     continue
@@ -714,6 +717,11 @@ class PackObjectStore(ObjectStore):
                 return
             self._closed = True
             pool, self._advise_pool = self._advise_pool, None
+        if pool is not None:
+            # before any connection closes: closing a SQLite connection another thread is
+            # querying is a use after free (a hint thread at exit crashed `nar` with SIGSEGV)
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
             fds = list(self._fds.values())
             self._fds.clear()
             try:
@@ -729,8 +737,6 @@ class PackObjectStore(ObjectStore):
                 self._wfds.clear()
         with self._conns_lock:
             conns, self._conns = self._conns, []
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
         for fd in fds:
             os.close(fd)
         for db in conns:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 
 import grpc
@@ -31,6 +32,7 @@ from tvix_store.admission import Admission
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import NotFoundError, StoreError, ValidationError
 from tvix_store.directoryservice import GraphCheck
+from tvix_store.gc import sweep_epoch, write_lock
 from tvix_store.pathinfoservice import check_output_hash
 from tvix_store.protocol import wire
 from tvix_store.protocol.g1 import (
@@ -54,6 +56,9 @@ from tvix_store.serve.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, Directo
 from tvix_store.store import Store
 
 log = logging.getLogger("tvix_store.serve.grpc")
+
+#: what a write call holds while it runs (the GC lock shared: `tvix_store.gc.write_lock`)
+Writing = Callable[[], AbstractContextManager[object]]
 
 #: Largest BlobChunk the server sends (PROTOCOL.md: keep each ≤ 1 MiB).
 MAX_CHUNK_MESSAGE = 1 << 20
@@ -112,9 +117,10 @@ def _complete(context: grpc.ServicerContext) -> None:
 
 
 class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
-    def __init__(self, store: Store, guard: StreamGuard) -> None:
+    def __init__(self, store: Store, guard: StreamGuard, writing: Writing = nullcontext) -> None:
         self._blobs = store.blobs
         self.guard = guard
+        self._writing = writing
 
     @map_errors
     def Stat(
@@ -155,7 +161,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     ) -> rpc_blobstore_pb2.PutBlobResponse:  # noqa: N802, E501
         # A cancelled upload makes the iterator raise: the writer's context manager aborts it
         # (and a call cancelled as its stream ended is not committed either: `_complete`).
-        with self._blobs.open_write() as w:
+        with self._writing(), self._blobs.open_write() as w:
             for msg in request_iterator:
                 if msg.data:
                     w.write(msg.data)
@@ -173,10 +179,12 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
         admission: Admission,
         max_count: int = DEFAULT_MAX_COUNT,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        writing: Writing = nullcontext,
     ) -> None:
         self._dirs = store.directories
         self.guard = guard
         self._admission = admission
+        self._writing = writing
         self.max_count = max_count
         self.max_bytes = max_bytes
 
@@ -211,7 +219,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
         # rejected stream is stored.
         check = GraphCheck(self._dirs.known_size)
         blob_sizes: dict[B3Digest, int] = {}
-        with DirectorySpool(self.max_count, self.max_bytes) as spool:
+        with self._writing(), DirectorySpool(self.max_count, self.max_bytes) as spool:
             for i, msg in enumerate(request_iterator):
                 try:
                     d = wire.directory_from_proto(msg)
@@ -229,9 +237,10 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
 
 
 class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
-    def __init__(self, store: Store, admission: Admission) -> None:
+    def __init__(self, store: Store, admission: Admission, writing: Writing = nullcontext) -> None:
         self._infos = store.pathinfos
         self._admission = admission
+        self._writing = writing
 
     @map_errors
     def Get(self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802, E501
@@ -246,7 +255,8 @@ class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
     @map_errors
     def Put(self, request: pathinfo_pb2.PathInfo, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802
         info = wire.pathinfo_from_proto(request)
-        return wire.pathinfo_to_proto(self._admission.put_pathinfo(info))
+        with self._writing():
+            return wire.pathinfo_to_proto(self._admission.put_pathinfo(info))
 
     @map_errors
     def CalculateNAR(
@@ -280,19 +290,25 @@ class StoreServer:
     ) -> None:
         self.store = store
         self.guard = StreamGuard(max_streams, idle_timeout)
-        self.admission = Admission(store)
+        self.admission = Admission(store, epoch=sweep_epoch(store))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
         )
-        add_servicer(self._server, rpc_blobstore_pb2, "BlobService", BlobServicer(store, self.guard))
+        # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
+        writing = write_lock(store)
+        add_servicer(self._server, rpc_blobstore_pb2, "BlobService", BlobServicer(store, self.guard, writing))
         add_servicer(
             self._server,
             rpc_directory_pb2,
             "DirectoryService",
-            DirectoryServicer(store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes),
+            DirectoryServicer(
+                store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes, writing
+            ),
         )
-        add_servicer(self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store, self.admission))
+        add_servicer(
+            self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store, self.admission, writing)
+        )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
