@@ -30,6 +30,7 @@ PEER_PACKAGES = {
     "fusermount3": "fuse3",
     "rclone": "rclone",
     "nginx": "nginx",
+    "wrk": "wrk",
 }
 
 

@@ -242,12 +242,12 @@ http {{
 class Nginx:
     """nginx from Debian serving `root` statically on 127.0.0.1 (keep-alive, Range, autoindex)."""
 
-    def __init__(self, root: Path, workdir: Path) -> None:
+    def __init__(self, root: Path, workdir: Path, template: str = NGINX_CONF) -> None:
         (workdir / "tmp").mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             self.port = free_port()
             conf = workdir / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(d=workdir, port=self.port, root=root))
+            conf.write_text(template.format(d=workdir, port=self.port, root=root))
             with open(workdir / "stderr.log", "ab") as lf:
                 self.proc = subprocess.Popen(
                     ["nginx", "-c", str(conf), "-p", str(workdir)],

@@ -2,7 +2,8 @@
 
 Lifecycle: open the store, bind and start the server (`tvix_store.serve.grpc.StoreServer`),
 log one `listening on ADDR` line with the real bound address (after the mount is ready
-when `--mount` is given), wait, then stop accepting, let in-flight calls finish (up to
+when `--mount` is given; with `--nar-bridge` the line names its URL too, and the bridge shares
+the store and the gRPC server's Admission), wait, then stop accepting, let in-flight calls finish (up to
 a grace period), close the store and return 0. A bad or busy address raises StoreError
 (one error line, exit 1, from `tvix_store.cli`). This module is process wiring only:
 the servicers live in `tvix_store.serve.grpc`, the mount in `tvix_fuse.mount`.
@@ -41,24 +42,37 @@ def run(args: argparse.Namespace) -> int:
         )
         address = server.bind(args.listen)
         server.start()
+        bridge = None
         try:
+            note = ""
+            if args.nar_bridge:
+                from tvix_store.cli.narbridge import bridge_from_args
+
+                bridge = bridge_from_args(args, store, args.nar_bridge, admission=server.admission)
+                note = f"; nar-bridge on {bridge.url}"
             if args.mount:
                 if not stop.is_set():
-                    _serve_with_mount(store, address, args.mount, args.timeout)
+                    _serve_with_mount(store, address, args.mount, args.timeout, note)
             else:
-                log.info("listening on %s (store %s)", address, store.url or args.store)
+                log.info("listening on %s (store %s%s)", address, store.url or args.store, note)
                 while not stop.wait(1.0):
                     pass
             log.info("shutting down: finishing in-flight calls (up to %g s)", GRACE_SECONDS)
         finally:
+            stopping = None
+            if bridge is not None:  # stops accepting at once, finishes its requests beside the gRPC calls
+                stopping = threading.Thread(target=bridge.stop, name="nar-bridge-stop", daemon=True)
+                stopping.start()
             _stop(server)
+            if stopping is not None:
+                stopping.join()
     finally:
         store.close()
     log.info("stopped")
     return 0
 
 
-def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: float) -> None:
+def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: float, note: str = "") -> None:
     """Mount in this (main) thread until unmounted or signalled; `run_foreground` handles the signals."""
     try:
         from tvix_fuse.mount import run_foreground
@@ -66,7 +80,7 @@ def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: flo
         raise StoreError(f"--mount is not available: {e}") from None
 
     def ready() -> None:
-        log.info("listening on %s (mounted at %s)", address, mountpoint)
+        log.info("listening on %s (mounted at %s%s)", address, mountpoint, note)
 
     run_foreground(store, mountpoint, on_ready=ready, timeout=timeout)  # type: ignore[arg-type]
 

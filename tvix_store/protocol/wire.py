@@ -102,6 +102,23 @@ def node_to_proto(n: Node) -> pathinfo_pb2.Node:
     return pathinfo_pb2.Node(symlink=_snode(n))
 
 
+def node_to_bytes(n: Node) -> bytes:
+    """The deterministic encoding of a `Node` oneof message (the same bytes in every protocol
+    generation: directory=1, file=2, symlink=3, the nodes' fields alike)."""
+    return node_to_proto(n).SerializeToString(deterministic=True)
+
+
+def node_from_bytes(raw: bytes) -> Node:
+    """Decode a `Node` oneof message; ValidationError for a malformed encoding or an unset oneof.
+    The node's fields are converted (digest lengths) but its name is not validated (it may be
+    empty, as in nar-bridge URLs)."""
+    try:
+        msg = pathinfo_pb2.Node.FromString(raw)
+    except DecodeError as e:
+        raise ValidationError(f"not a Node message: {e}") from None
+    return node_from_proto(msg)
+
+
 def pathinfo_from_proto(m: pathinfo_pb2.PathInfo) -> PathInfo:
     """Convert and validate per PROTOCOL.md (root node, store path name, references, narinfo)."""
     if not m.HasField("node") or m.node.WhichOneof("node") is None:

@@ -1,0 +1,107 @@
+"""`tvix-store nar-bridge`: serve a store as a Nix HTTP binary cache until SIGINT/SIGTERM.
+
+Lifecycle as the daemon's: signal handlers first, open the store, load the signing keys, bind
+(`tvix_store.narbridge.server.BridgeServer`), log one `nar-bridge listening on URL` line, wait
+for a signal, stop accepting, let in-flight requests finish (up to GRACE_SECONDS; a second
+signal cuts that short), close the store, exit 0. `bridge_from_args` is shared with
+`daemon --nar-bridge`. Process wiring only: the bridge is `tvix_store.narbridge`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from tvix_store.cli import UsageError
+from tvix_store.core.errors import ValidationError
+
+if TYPE_CHECKING:
+    from tvix_store.admission import Admission
+    from tvix_store.narbridge.server import BridgeServer
+    from tvix_store.store import Store
+
+log = logging.getLogger("tvix_store.cli.narbridge")
+
+#: Seconds in-flight requests may run on after SIGINT/SIGTERM (a second signal cuts it short).
+GRACE_SECONDS = 20.0
+
+
+def bridge_from_args(
+    args: argparse.Namespace, store: Store, listen: str, admission: Admission | None = None
+) -> BridgeServer:
+    """A bound and started bridge over `store` (keys, priority and timeouts from `args`)."""
+    from tvix_store.narbridge.app import Bridge
+    from tvix_store.narbridge.server import BridgeServer
+    from tvix_store.narbridge.signing import SigningKey
+
+    keys = []
+    for path in args.sign_key_file or ():
+        try:
+            keys.append(SigningKey.load(path))
+        except ValidationError as e:
+            raise UsageError(f"--sign-key-file {e}") from None
+    try:
+        server = BridgeServer(
+            Bridge(
+                store, keys=tuple(keys), priority=args.priority, admission=admission, idle_timeout=args.idle_timeout
+            ),
+            listen,
+            grace=GRACE_SECONDS,
+        )
+    except ValidationError as e:
+        raise UsageError(str(e)) from None
+    server.start()
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvix_store.cli import open_store_from_args
+
+    stop = install_stop_handlers()
+    store = open_store_from_args(args, long_lived=True)
+    try:
+        server = bridge_from_args(args, store, args.listen)
+        try:
+            keys = ", ".join(k.name for k in server.bridge.keys) or "none"
+            log.info("nar-bridge listening on %s (store %s, signing keys: %s)", server.url, store.url, keys)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            stop_gracefully(server)
+    finally:
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+def install_stop_handlers() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def stop_gracefully(server: BridgeServer) -> None:
+    """Stop the bridge; a further SIGINT/SIGTERM during the grace period cancels in-flight requests."""
+
+    def hurry(signum: int, frame: FrameType | None) -> None:
+        log.warning("second %s: cancelling in-flight requests", signal.Signals(signum).name)
+        server.hurry()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, hurry)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (server.stop(), done.set()), name="nar-bridge-stop", daemon=True)
+    t.start()
+    while not done.wait(0.5):
+        pass
