@@ -20,13 +20,19 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   NOT_FOUND is a value (`None`) where the interface allows it; UNAVAILABLE,
   DEADLINE_EXCEEDED, a stalled stream or a connection failure → UnavailableError naming
   the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
-- No retries here: a failed call is reported; the breaker and the callers decide.
+- No retries here: a failed call is reported; the breaker and the callers decide. One
+  exception: a batch call refused with RESOURCE_EXHAUSTED (a server at its limit of
+  streaming calls, "retry later") is retried with backoff for up to `timeout` seconds (the
+  calls of `many` are idempotent: Stat, Read, Put of content-addressed bytes).
 
 - Many calls at once (`many`): a second, asyncio channel on a loop thread of its own keeps
-  up to `window` calls in flight without a thread per call (the sync API starts a thread
-  for every client-streaming call): batch Stat, Put and Read of small objects.
+  up to `window` calls of a batch in flight without a thread per call (the sync API starts
+  a thread for every client-streaming call): batch Stat, Put and Read of small objects.
+  Several batches at once (an import's workers) share one limit, `MAX_IN_FLIGHT`, below a
+  daemon's default limit of streaming calls, so one client never fills a server alone.
 
-Counters: `timeouts` (calls failed as unavailable), and the breaker's.
+Counters: `timeouts` (calls failed as unavailable), `busy_retries` (batch calls retried after
+RESOURCE_EXHAUSTED), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
 what they receive).
 """
@@ -53,6 +59,11 @@ DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 64 << 20
 #: how often the breaker probes a remote that is down
 PROBE_INTERVAL = 1.0
+#: batch calls in flight at once per remote, all batches together: half a daemon's default
+#: limit of streaming calls (`serve.limits.DEFAULT_MAX_STREAMS`, 128)
+MAX_IN_FLIGHT = 64
+#: first wait before retrying a batch call refused with RESOURCE_EXHAUSTED (then doubling, ≤ 1 s)
+BUSY_FIRST_DELAY = 0.05
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
@@ -152,7 +163,7 @@ class Remote:
         self.name = name or target
         self.timeout = timeout
         self.counters = counters if counters is not None else Counters()
-        self.counters.declare(("timeouts",))
+        self.counters.declare(("timeouts", "busy_retries"))
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.watchdog = Watchdog(timeout)
         self.breaker: CircuitBreaker | None = None
@@ -166,6 +177,7 @@ class Remote:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aio_channel: grpc.aio.Channel | None = None
         self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
+        self._in_flight: asyncio.Semaphore | None = None  # MAX_IN_FLIGHT, made on the loop
         self._warming = False
 
     def _probe(self) -> None:
@@ -296,11 +308,27 @@ class Remote:
 
         async def run_all() -> None:
             sem = asyncio.Semaphore(window)
+            if self._in_flight is None:  # (only this loop's thread gets here)
+                self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+            shared = self._in_flight
+
+            async def call(i: int) -> Any:
+                delay, waited = BUSY_FIRST_DELAY, 0.0
+                while True:
+                    try:
+                        return await calls[i](channel)
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or waited >= self.timeout:
+                            raise
+                    self.counters.add("busy_retries")
+                    await asyncio.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 1.0)
 
             async def one(i: int) -> None:
-                async with sem:
+                async with sem, shared:
                     try:
-                        results.put((i, await calls[i](channel)))
+                        results.put((i, await call(i)))
                     except grpc.aio.AioRpcError as e:
                         if e.code() is grpc.StatusCode.NOT_FOUND:
                             results.put((i, None))
