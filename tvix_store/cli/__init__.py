@@ -5,7 +5,9 @@ together. One module per command group (`blob`, `nar`, `importing`, `daemon`, `m
 `paths` for `path list|info|rm`, `maint` for `gc` and `verify`, `narbridge`);
 this module holds the parser, the options every store-opening command shares (`--store`
 and the per-service overrides `--blob-store`, `--directory-store`, `--pathinfo-store`,
-`--timeout`, and for the mount `--cache-dir`/`--cache-size`) and `main`.
+`--timeout`, and for the mount `--cache-dir`/`--cache-size`), the security options of the
+servers (`--tls-*`, `--auth-tokens`, `--public-reads`, `--insecure`, checked by
+`server_security`) and `main`.
 
 Exit status: 0 success, 1 operational error, 2 usage error. Errors are one line on
 stderr (`tvix-store: error: …`); a traceback only with `--log-level debug`.
@@ -24,6 +26,7 @@ from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import StoreError, ValidationError
 
 if TYPE_CHECKING:
+    from tvix_store.serve.security import TlsFiles, Tokens
     from tvix_store.store import Store
 
 log = logging.getLogger("tvix_store")
@@ -132,6 +135,71 @@ def _add_bridge(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security(p: argparse.ArgumentParser, bridge: bool) -> None:
+    """TLS, tokens and the network-exposure guard of a server (`daemon`, `nar-bridge`)."""
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (with --tls-key)")
+    g.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-client-ca", metavar="FILE", help="mutual TLS: clients must present a certificate this CA signed"
+    )
+    g.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="require a bearer token: one 'TOKEN ro|rw' a line (ro: reads only; rw: reads and writes)",
+    )
+    if bridge:
+        g.add_argument(
+            "--public-reads",
+            action="store_true",
+            help="nar-bridge: downloads need no token (uploads still need an rw token)",
+        )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a network address without TLS and authentication",
+    )
+
+
+def server_security(args: argparse.Namespace, listens: Sequence[str]) -> tuple[TlsFiles | None, Tokens | None]:
+    """The TLS files and tokens the options name, checked (UsageError), and the guard: listening
+    on a non-loopback address of `listens` needs TLS and authentication unless `--insecure`."""
+    from tvix_store.serve.security import TlsFiles, Tokens, exposure_problem
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = tokens = None
+    try:
+        if args.tls_cert:
+            tls = TlsFiles.load(args.tls_cert, args.tls_key, args.tls_client_ca)
+            tls.ssl_context()  # a key that does not match the certificate is refused here
+        if args.auth_tokens:
+            tokens = Tokens.load(args.auth_tokens)
+    except ValidationError as e:
+        raise UsageError(str(e)) from None
+    if not args.insecure:
+        for listen in listens:
+            host = _listen_host(listen)
+            problem = exposure_problem(host, tls=tls is not None, auth=tokens is not None or bool(args.tls_client_ca))
+            if problem is not None:
+                raise UsageError(problem)
+    return tls, tokens
+
+
+def _listen_host(listen: str) -> str | None:
+    """The host of a listen address (None for a unix socket); UsageError if malformed."""
+    if listen.startswith("unix:"):
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"invalid listen address {listen!r}: expected HOST:PORT or unix:/path")
+    if host.startswith("[") != host.endswith("]"):
+        raise UsageError(f"invalid listen address {listen!r}: unbalanced brackets")
+    return host
+
+
 def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) -> Store:
     """The store the common options name (see `tvix_store.compose.open_store`); `long_lived`
     (a mount, a daemon): remotes fail fast while known to be down, and without `--cache-dir`
@@ -196,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nar-bridge", metavar="ADDR", help="also serve the store as a Nix HTTP binary cache on ADDR (HOST:PORT)"
     )
     _add_bridge(d)
+    _add_security(d, bridge=True)
     d.add_argument(
         "--max-streams",
         type=_positive_int,
@@ -273,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--listen", default="127.0.0.1:9000", metavar="ADDR", help="HOST:PORT or unix:/path")
     _add_store(nb)
     _add_bridge(nb)
+    _add_security(nb, bridge=True)
     nb.add_argument(
         "--idle-timeout",
         type=_positive_float,
@@ -336,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     debug = args.log_level == "debug"
+    # gRPC's C core logs to stderr on its own (handshake failures at INFO): errors are our one line
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if debug else "ERROR")
     try:
         return args.func(args)
     except UsageError as e:

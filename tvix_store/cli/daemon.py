@@ -26,9 +26,10 @@ GRACE_SECONDS = 20.0
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvix_store.cli import open_store_from_args
+    from tvix_store.cli import open_store_from_args, server_security
     from tvix_store.serve.grpc import StoreServer
 
+    tls, tokens = server_security(args, [args.listen, *([args.nar_bridge] if args.nar_bridge else [])])
     # handlers first: a signal arriving right after the ready line must already stop us cleanly
     stop = _install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
@@ -39,17 +40,26 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_directory_put_count=args.max_directory_put_count,
             max_directory_put_bytes=args.max_directory_put_bytes,
+            tokens=tokens,
         )
-        address = server.bind(args.listen)
+        address = server.bind(args.listen, tls)
         server.start()
         bridge = None
         try:
             note = ""
+            if tls is not None:
+                note += "; TLS" + (" with client certificates" if tls.client_ca else "")
+            if tokens is not None:
+                note += f"; {len(tokens.entries)} tokens"
+            elif args.insecure:
+                note += "; insecure: no authentication"
             if args.nar_bridge:
                 from tvix_store.cli.narbridge import bridge_from_args
 
-                bridge = bridge_from_args(args, store, args.nar_bridge, admission=server.admission)
-                note = f"; nar-bridge on {bridge.url}"
+                bridge = bridge_from_args(
+                    args, store, args.nar_bridge, admission=server.admission, tls=tls, tokens=tokens
+                )
+                note += f"; nar-bridge on {bridge.url}"
             if args.mount:
                 if not stop.is_set():
                     _serve_with_mount(store, address, args.mount, args.timeout, note)
