@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tvix_store.pathinfoservice",),
     ("tvix_store.store",),
     ("tvix_store.verify", "tvix_store.compose", "tvix_store.admission", "tvix_store.gc"),
-    ("tvix_store.importer", "tvix_store.serve"),
+    ("tvix_store.importer", "tvix_store.serve", "tvix_store.copy"),
     ("tvix_store.narbridge",),
     ("tvix_fuse",),
     ("tvix_store.cli",),

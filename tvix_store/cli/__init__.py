@@ -300,6 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("paths", nargs="+", metavar="PATH")
     i.set_defaults(func=_lazy("tvix_store.cli.importing", "run"))
 
+    c = sub.add_parser(
+        "copy", help="copy store paths (PathInfo, Directories, blobs) between stores, only what the target lacks"
+    )
+    c.add_argument("--from", dest="from_url", required=True, metavar="URL", help="the store to copy from")
+    c.add_argument("--to", dest="to_url", required=True, metavar="URL", help="the store to copy to")
+    c.add_argument(
+        "--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="deadline of remote calls (default 10)"
+    )
+    c.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="batches of small blobs or big blobs in flight at once (default 8)",
+    )
+    c.add_argument("store_paths", nargs="+", metavar="STORE_PATH")
+    c.set_defaults(func=_lazy("tvix_store.cli.copy", "run"))
+
     b = sub.add_parser("blob", help="put, cat and stat blobs")
     bsub = b.add_subparsers(dest="blob_command", metavar="SUBCOMMAND", required=True)
     bp = bsub.add_parser("put", help="store bytes from FILE (or - for stdin), print the digest")
