@@ -19,7 +19,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from tvix_store.core.digest import B3Digest
@@ -95,31 +95,80 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _add_store(p: argparse.ArgumentParser, cache: bool = False) -> None:
+def _add_store(p: argparse.ArgumentParser, cache: bool = False, *, top: bool = False) -> None:
+    """The store options. On the top-level parser (`top`) they carry the defaults; on a
+    subcommand they default to nothing (`SUPPRESS`), so they are accepted before or after the
+    subcommand, and the one given after wins."""
+
+    def dflt(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
     p.add_argument(
         "--store",
-        default=os.environ.get("TVIX_STORE_URL"),
+        default=dflt(os.environ.get("TVIX_STORE_URL")),
         metavar="URL",
         help="store URL: local:///path (default: $TVIX_STORE_DIR or ~/.local/share/tvix-store), memory://, "
-        "grpc+http://HOST:PORT, grpc+unix:///path.sock (env TVIX_STORE_URL)",
+        "grpc+http://HOST:PORT, grpc+https://HOST:PORT[?ca=FILE&token_file=FILE], grpc+unix:///path.sock "
+        "(env TVIX_STORE_URL)",
     )
     for service, what in (("blob", "blobs"), ("directory", "Directories"), ("pathinfo", "path infos")):
         p.add_argument(
             f"--{service}-store",
             metavar="URL",
+            default=dflt(None),
             help=f"take {what} from this store URL instead of --store",
         )
     p.add_argument(
-        "--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="deadline of remote calls (default 10)"
+        "--timeout",
+        type=_positive_float,
+        default=dflt(10.0),
+        metavar="SECONDS",
+        help="deadline of remote calls (default 10)",
     )
     if cache:
-        p.add_argument("--cache-dir", metavar="DIR", help="persistent local cache in front of the remote services")
+        p.add_argument(
+            "--cache-dir",
+            default=dflt(None),
+            metavar="DIR",
+            help="persistent local cache in front of the remote services (mount only)",
+        )
         p.add_argument(
             "--cache-size",
             type=_size_arg,
+            default=dflt(None),
             metavar="BYTES",
             help="bound of the cache (suffixes K/M/G; default 10G on disk, 256M in memory without --cache-dir)",
         )
+
+
+def _add_log_level(p: argparse.ArgumentParser, top: bool = False) -> None:
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=os.environ.get("TVIX_LOG_LEVEL", "info") if top else argparse.SUPPRESS,
+        help="log verbosity (default info; env TVIX_LOG_LEVEL)",
+    )
+
+
+def _leaf_parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser under `p` that has no subcommands of its own."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+    if not subs:
+        yield p
+        return
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(child)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("tvix-store")
+    except PackageNotFoundError:
+        v = "unknown"
+    return f"{PROG} {v} (protocol generations served: tvix.store.v1)"
 
 
 def _add_bridge(p: argparse.ArgumentParser) -> None:
@@ -206,17 +255,20 @@ def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) 
     they sit behind an in-memory cache."""
     from tvix_store.compose import open_store
 
-    return open_store(
-        args.store,
-        blob_url=args.blob_store,
-        directory_url=args.directory_store,
-        pathinfo_url=args.pathinfo_store,
-        cache_dir=getattr(args, "cache_dir", None),
-        cache_size=getattr(args, "cache_size", None),
-        timeout=args.timeout,
-        fail_fast=long_lived,
-        memory_cache=long_lived,
-    )
+    try:
+        return open_store(
+            args.store,
+            blob_url=args.blob_store,
+            directory_url=args.directory_store,
+            pathinfo_url=args.pathinfo_store,
+            cache_dir=args.cache_dir,
+            cache_size=args.cache_size,
+            timeout=args.timeout,
+            fail_fast=long_lived,
+            memory_cache=long_lived,
+        )
+    except ValidationError as e:  # a malformed or unknown URL, --cache-dir with a local store
+        raise UsageError(str(e)) from None
 
 
 def store_args(args: argparse.Namespace) -> list[str]:
@@ -248,12 +300,9 @@ def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A content-addressed store for Nix-style file trees.")
-    p.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default=os.environ.get("TVIX_LOG_LEVEL", "info"),
-        help="log verbosity (default info; env TVIX_LOG_LEVEL)",
-    )
+    p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    _add_log_level(p, top=True)
+    _add_store(p, cache=True, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     d = sub.add_parser("daemon", help="serve the store over gRPC (and optionally mount it)")
@@ -306,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="from_url", required=True, metavar="URL", help="the store to copy from")
     c.add_argument("--to", dest="to_url", required=True, metavar="URL", help="the store to copy to")
     c.add_argument(
-        "--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="deadline of remote calls (default 10)"
+        "--timeout",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="deadline of remote calls (default 10)",
     )
     c.add_argument(
         "--workers",
@@ -408,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(v)
     v.add_argument("--repair-from", metavar="URL", help="fetch bad or missing objects from this store, verified")
     v.set_defaults(func=_lazy("tvix_store.cli.maint", "verify"))
+    for leaf in _leaf_parsers(p):
+        _add_log_level(leaf)
     return p
 
 
@@ -422,6 +477,8 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "mount" and (args.cache_dir is not None or args.cache_size is not None):
+        parser.error(f"--cache-dir and --cache-size apply to mount only, not to {args.command}")
     setup_logging(args.log_level)
     debug = args.log_level == "debug"
     # gRPC's C core logs to stderr on its own (handshake failures at INFO): errors are our one line

@@ -8,6 +8,7 @@ otherwise nothing at all is drawn, so logs and pipes see only the command's own 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -36,15 +37,25 @@ def bar(label: str, progress: Progress) -> Iterator[None]:
     from tqdm import tqdm
 
     scale = progress.unit == "B"
+    phase, done, total = progress.snapshot()
+    try:
+        width = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        width = 0
     t = tqdm(
-        desc=label,
-        total=None,
+        desc=f"{label}: {phase}" if phase else label,
+        total=total,
+        initial=done,
         unit=progress.unit if scale else " " + progress.unit,
         unit_scale=scale,
         unit_divisor=1024 if scale else 1000,
         file=sys.stderr,
         leave=False,
-        dynamic_ncols=True,
+        # a terminal that reports no size (a bare pty) gets 80 columns (tqdm draws nothing on a
+        # terminal of 0 rows); others follow resizes
+        dynamic_ncols=width > 0,
+        ncols=None if width > 0 else 80,
+        nrows=None if width > 0 else 24,
         mininterval=INTERVAL,
     )
     stop = threading.Event()
@@ -70,4 +81,5 @@ def bar(label: str, progress: Progress) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+        draw()  # where it ended (100% when it got there), then erased
         t.close()
