@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bridge(d)
     _add_security(d, bridge=True)
     d.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (gRPC calls by method and status, durations, bytes)",
+    )
+    d.add_argument(
         "--max-streams",
         type=_positive_int,
         default=128,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
@@ -284,7 +284,8 @@ class StoreServer:
     admitted and watched by a `StreamGuard` (`tvix_store.serve.limits`): `max_streams` at
     once, each cancelled when idle for `idle_timeout` seconds. With `tokens`, every call but
     health checks needs a valid bearer token, and writes an `rw` one (`grpcauth`); `bind(address,
-    tls)` serves TLS (mutual with a client CA).
+    tls)` serves TLS (mutual with a client CA). `interceptors` (e.g. `metrics.GrpcMetrics`) run
+    outside the token check.
     """
 
     def __init__(
@@ -296,6 +297,7 @@ class StoreServer:
         max_directory_put_count: int = DEFAULT_MAX_COUNT,
         max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
         tokens: Tokens | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.store = store
         self.guard = StreamGuard(max_streams, idle_timeout)
@@ -303,7 +305,9 @@ class StoreServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
-            interceptors=[TokenInterceptor(tokens, WRITE_METHODS)] if tokens is not None else None,
+            # outermost first: e.g. metrics (which then count refused calls too), then the tokens
+            interceptors=[*interceptors, *([TokenInterceptor(tokens, WRITE_METHODS)] if tokens is not None else [])]
+            or None,
         )
         # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
         writing = write_lock(store)
