@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import os
 import re
 import ssl
 import subprocess
@@ -295,3 +296,57 @@ def test_narbridge_reads_need_a_token_without_public_reads(secrets: dict[str, Pa
         assert b.request("GET", "/nix-cache-info", token=RW)[0] == 200
     finally:
         assert b.stop() == 0
+
+
+def test_nix_copies_to_a_bridge_with_a_token_from_its_netrc(tmp_path: Path, secrets: dict[str, Path]) -> None:
+    """Real Nix: the token as the password of a netrc entry (HTTP Basic) uploads; without it, refused."""
+    f = tmp_path / "netrc-test.txt"
+    f.write_text(f"uploaded by nix with a netrc token {tmp_path}\n")
+    sp = subprocess.run(["nix-store", "--add", str(f)], capture_output=True, check=True).stdout.decode().strip()
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1\nlogin nix\npassword {RW}\n")
+    netrc.chmod(0o600)
+    b = Bridge("--auth-tokens", str(secrets["tokens"]), store=f"local://{tmp_path / 'store'}")
+    url = f"http://127.0.0.1:{b.port}"
+    nix = ["nix", "--extra-experimental-features", "nix-command", "--option", "narinfo-cache-negative-ttl", "0"]
+
+    def run(*args: str, n: int) -> subprocess.CompletedProcess[bytes]:
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"xdg{n}")}
+        return subprocess.run([*nix, *args], capture_output=True, env=env, timeout=120)
+
+    try:
+        p = run("copy", "--to", url, sp, "--option", "substituters", "", n=1)
+        assert p.returncode != 0, "nix uploaded without a token"
+        p = run("copy", "--to", url, sp, "--option", "substituters", "", "--option", "netrc-file", str(netrc), n=2)
+        assert p.returncode == 0, p.stderr.decode()
+        p = run("path-info", "--store", url, sp, "--option", "netrc-file", str(netrc), n=3)
+        assert p.returncode == 0 and p.stdout.decode().strip() == sp, p.stderr.decode()
+        assert (
+            cli("nar", "--store", f"local://{tmp_path / 'store'}", sp).stdout
+            == subprocess.run(["nix-store", "--dump", sp], capture_output=True, check=True).stdout
+        )
+    finally:
+        assert b.stop() == 0
+
+
+def test_daemon_nar_bridge_shares_tls_and_tokens(pki: Pki, secrets: dict[str, Path]) -> None:
+    d = Daemon(
+        "memory://",
+        extra=(
+            *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+            *("--auth-tokens", str(secrets["tokens"]), "--nar-bridge", "127.0.0.1:0"),
+        ),
+    )
+    try:
+        m = re.search(r"nar-bridge on https://127\.0\.0\.1:(\d+)", "".join(d.log))
+        assert m, d.log
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        for token, want in ((None, 401), (RO, 200)):
+            conn = http.client.HTTPSConnection("localhost", int(m.group(1)), context=ctx, timeout=30)
+            try:
+                conn.request("GET", "/nix-cache-info", headers={"Authorization": f"Bearer {token}"} if token else {})
+                assert conn.getresponse().status == want
+            finally:
+                conn.close()
+    finally:
+        assert d.stop() == 0
