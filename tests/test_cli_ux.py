@@ -69,10 +69,14 @@ def test_cache_dir_with_a_local_store_is_a_usage_error(tmp_path: Path) -> None:
     assert not os.path.ismount(mnt)
 
 
-def test_remote_errors_are_one_plain_line() -> None:
-    p = cli("blob", "cat", "--store", "grpc+http://127.0.0.1:1", "--timeout", "5", "0" * 64, check=False)
-    line = one_line_error(p, 1, "127.0.0.1:1", "connection refused")
-    for internal in ("UNKNOWN", "ipv4", "failed to connect to all addresses", "StatusCode"):
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [("grpc+http://127.0.0.1:1", "connection refused"), ("grpc+http://no-such-host.invalid:8000", "unknown host")],
+)
+def test_remote_errors_are_one_plain_line(url: str, needle: str) -> None:
+    p = cli("blob", "cat", "--store", url, "--timeout", "5", "0" * 64, check=False)
+    line = one_line_error(p, 1, url, needle)
+    for internal in ("UNKNOWN", "ipv4", "failed to connect to all addresses", "StatusCode", "lookup error"):
         assert internal not in line, line
 
 

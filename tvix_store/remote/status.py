@@ -177,8 +177,11 @@ def map_errors(method: F) -> F:
 _CONNECT_FAILURES = (
     ("connection refused", "connection refused (is the daemon running, on that port?)"),
     ("dns resolution failed", "unknown host"),
+    ("errors resolving", "unknown host (the name does not resolve)"),
+    ("address lookup failed", "unknown host (the name does not resolve)"),
     ("name or service not known", "unknown host"),
     ("no such file or directory", "no such socket"),
+    ("certificate_verify_failed", "TLS: the server's certificate is not trusted (give its CA with ?ca=FILE)"),
     ("certificate verify failed", "TLS: the server's certificate is not trusted (give its CA with ?ca=FILE)"),
     ("ssl_error_ssl", "TLS handshake failed (wrong ?ca=, or a certificate not made for this host name)"),
     ("handshake", "TLS handshake failed (a plain server? use grpc+http://; or a client certificate is required)"),
@@ -197,11 +200,26 @@ _CONNECT_FAILURES = (
 )
 
 
+_TRANSPORT_MARKERS = (
+    "failed to connect",
+    "last error",
+    "socket closed",
+    "connection reset",
+    "handshake",
+    "ssl_error",
+    "dns resolution",
+    "errors resolving",
+    "connection refused",
+)
+
+
 def humane(detail: str) -> str:
     """One short phrase for the details of an UNAVAILABLE status (gRPC's text for connection
     failures names its internals: "failed to connect to all addresses; last error: UNKNOWN: …")."""
     low = detail.lower()
-    if "failed to connect" in low or "last error" in low or "connection" in low or "ssl" in low or "handshake" in low:
+    # only gRPC's own transport texts: a remote's message (a daemon in front of another remote)
+    # is passed on as it is
+    if any(m in low for m in _TRANSPORT_MARKERS):
         for needle, phrase in _CONNECT_FAILURES:
             if needle in low:
                 return phrase
