@@ -2,12 +2,13 @@
 
 This package is the top layer: the only place that wires `tvix_store` and `tvix_fuse`
 together. One module per command group (`blob`, `nar`, `importing`, `daemon`, `mount`,
-`paths` for `path list|info|rm`, `maint` for `gc` and `verify`, `narbridge`);
-this module holds the parser, the options every store-opening command shares (`--store`
-and the per-service overrides `--blob-store`, `--directory-store`, `--pathinfo-store`,
-`--timeout`, and for the mount `--cache-dir`/`--cache-size`), the security options of the
-servers (`--tls-*`, `--auth-tokens`, `--public-reads`, `--insecure`, checked by
-`server_security`) and `main`.
+`paths` for `path list|info|rm`, `maint` for `gc` and `verify`, `narbridge`, `copy`; and
+`progress`, the bars on a terminal); this module holds the parser, the options every
+store-opening command shares (`--store` and the per-service overrides `--blob-store`,
+`--directory-store`, `--pathinfo-store`, `--timeout`, and for the mount `--cache-dir`/
+`--cache-size`: accepted before or after the subcommand, with `--log-level`), the security
+options of the servers (`--tls-*`, `--auth-tokens`, `--public-reads`, `--insecure`, checked by
+`server_security`), `--version` and `main`.
 
 Exit status: 0 success, 1 operational error, 2 usage error. Errors are one line on
 stderr (`tvix-store: error: …`); a traceback only with `--log-level debug`.
