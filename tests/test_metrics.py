@@ -3,6 +3,7 @@ too), the endpoint scraped over HTTP and parsed with prometheus-client's own par
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.request
@@ -93,3 +94,54 @@ def test_metrics_count_calls_by_method_and_status_with_bytes(tmp_path: Path) -> 
 def test_bad_metrics_address_is_a_usage_error() -> None:
     p = cli("daemon", "--store", "memory://", "--metrics-listen", "nonsense", check=False)
     one_line_error(p, 2, "--metrics-listen")
+
+
+def test_narbridge_metrics_and_store_counters(tmp_path: Path) -> None:
+    """nar-bridge requests by route, method and status with body bytes; and the counters of its
+    store (here a remote daemon behind the in-memory cache): cache limit, bytes fetched."""
+    from test_security import Bridge
+
+    from tvix_store.core import nixbase32
+
+    d = Daemon(f"local://{tmp_path / 'daemon'}")
+    f = tmp_path / "payload"
+    f.write_bytes(os.urandom(200_000))
+    sp = cli("import", "--store", d.url, str(f)).stdout.decode().strip()
+    b = Bridge("--metrics-listen", "127.0.0.1:0", store=d.url)
+    try:
+        m = re.search(r"metrics on (http://\S+/metrics)", "".join(b.log))
+        assert m, b.log
+        for _ in range(2):
+            assert b.request("GET", "/nix-cache-info")[0] == 200
+        assert b.request("GET", "/" + "0" * 32 + ".narinfo")[0] == 404
+        status, _, narinfo = b.request("GET", "/" + sp[len("/nix/store/") :][:32] + ".narinfo")
+        assert status == 200, narinfo
+        nar_url = next(line.split(": ", 1)[1] for line in narinfo.decode().splitlines() if line.startswith("URL: "))
+        status, _, nar = b.request("GET", "/" + nar_url)
+        assert status == 200 and len(nar) > 200_000
+        upload = os.urandom(1000)
+        name = "/nar/" + nixbase32.encode(hashlib.sha256(upload).digest()) + ".nar"
+        assert b.request("PUT", name, body=upload)[0] == 400  # not a NAR: refused, but received
+        s = scrape(m.group(1))
+
+        def v(metric: str, **labels: str) -> float:
+            return s.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+        req = "tvix_store_http_requests_total"
+        assert v(req, route="/nix-cache-info", method="GET", status="200") == 2
+        assert v(req, route="/{name}", method="GET", status="404") == 1
+        assert v(req, route="/{name}", method="GET", status="200") == 1
+        assert v(req, route="/nar/{name}", method="PUT", status="400") == 1
+        nar_route = next(
+            dict(k[1])["route"] for k in s if k[0] == req and dict(k[1]).get("route", "").endswith("{node}")
+        )
+        assert v(req, route=nar_route, method="GET", status="200") == 1
+        assert v("tvix_store_http_sent_bytes_total", route=nar_route) >= len(nar)
+        assert v("tvix_store_http_received_bytes_total", route="/nar/{name}") >= len(upload)
+        assert v("tvix_store_http_request_duration_seconds_count", route="/nix-cache-info", method="GET") == 2
+        assert v("tvix_store_stat", name="cache_limit") == 256 << 20
+        assert v("tvix_store_stat", name="bytes_fetched") >= 200_000
+        assert v("tvix_store_stat", name="timeouts") == 0
+    finally:
+        assert b.stop() == 0
+        assert d.stop() == 0

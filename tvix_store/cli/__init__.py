@@ -211,6 +211,15 @@ def _add_security(p: argparse.ArgumentParser, bridge: bool) -> None:
     )
 
 
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (calls and requests by method and status, "
+        "durations, bytes, the store's cache and remote counters)",
+    )
+
+
 def server_security(args: argparse.Namespace, listens: Sequence[str]) -> tuple[TlsFiles | None, Tokens | None]:
     """The TLS files and tokens the options name, checked (UsageError), and the guard: listening
     on a non-loopback address of `listens` needs TLS and authentication unless `--insecure`."""
@@ -420,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(nb)
     _add_bridge(nb)
     _add_security(nb, bridge=True)
+    _add_metrics(nb)
     nb.add_argument(
         "--idle-timeout",
         type=_positive_float,

@@ -19,7 +19,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from tvix_store.core.errors import StoreError, ValidationError
+from tvix_store.core.errors import StoreError
 
 if TYPE_CHECKING:
     from tvix_store.serve.metrics import MetricsServer
@@ -32,18 +32,11 @@ GRACE_SECONDS = 20.0
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvix_store.cli import UsageError, server_security
+    from tvix_store.cli import server_security
+    from tvix_store.cli.narbridge import start_metrics
 
     tls, tokens = server_security(args, [args.listen, *([args.nar_bridge] if args.nar_bridge else [])])
-    metrics = None
-    if args.metrics_listen:
-        from tvix_store.serve.metrics import MetricsServer
-
-        metrics = MetricsServer()
-        try:
-            metrics.start(args.metrics_listen)
-        except ValidationError as e:
-            raise UsageError(str(e)) from None
+    metrics = start_metrics(args)
     try:
         return _run(args, tls, tokens, metrics)
     finally:
@@ -58,6 +51,8 @@ def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, 
     # handlers first: a signal arriving right after the ready line must already stop us cleanly
     stop = _install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
+    if metrics is not None:
+        metrics.add_store(store.counters.snapshot)
     try:
         server = StoreServer(
             store,
@@ -85,7 +80,13 @@ def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, 
                 from tvix_store.cli.narbridge import bridge_from_args
 
                 bridge = bridge_from_args(
-                    args, store, args.nar_bridge, admission=server.admission, tls=tls, tokens=tokens
+                    args,
+                    store,
+                    args.nar_bridge,
+                    admission=server.admission,
+                    tls=tls,
+                    tokens=tokens,
+                    metrics=metrics.http if metrics is not None else None,
                 )
                 note += f"; nar-bridge on {bridge.url}"
             if args.mount:

@@ -22,7 +22,10 @@ the answer is one line of text, logged as one line (at most `LOG_PER_MINUTE` a m
 traceback unless debugging). Timeouts: a request body or a response that makes no progress
 for `idle_timeout` seconds is abandoned (nothing is indexed or published from it).
 
-Access (`_access`, before anything else): with `tokens` (`--auth-tokens`), every request needs
+Metrics (`_metered`, outermost, with `metrics`): every request by route pattern, method and
+status, its duration and body bytes (`tvix_store.serve.metrics.HttpMetrics`).
+
+Access (`_access`, before anything but metrics): with `tokens` (`--auth-tokens`), every request needs
 `Authorization: Bearer TOKEN` (or HTTP Basic with the token as password, what Nix sends from a
 netrc file): missing or unknown is 401 (with a `WWW-Authenticate` challenge), an upload (`PUT`)
 with a read-only token 403; with `public_reads`, GET and HEAD need no token. Tokens are checked
@@ -39,10 +42,11 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -69,6 +73,9 @@ from tvix_store.narbridge.signing import SigningKey
 from tvix_store.remote.status import RateLimitedLog
 from tvix_store.serve.security import Scope, Tokens, bearer_of
 from tvix_store.store import Store
+
+if TYPE_CHECKING:
+    from tvix_store.serve.metrics import HttpMetrics
 
 log = logging.getLogger("tvix_store.narbridge")
 
@@ -197,8 +204,10 @@ class Bridge:
         max_uploads: int = MAX_UPLOADS,
         tokens: Tokens | None = None,
         public_reads: bool = False,
+        metrics: HttpMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.tokens = tokens
         self.public_reads = public_reads
         self.keys = keys
@@ -231,6 +240,8 @@ class Bridge:
 
     def application(self) -> web.Application:
         middlewares = [self._errors] if self.tokens is None else [self._access, self._errors]
+        if self.metrics is not None:
+            middlewares.insert(0, self._metered)
         app = web.Application(middlewares=middlewares, client_max_size=self.max_narinfo)
         r = app.router
         r.add_get("/", self.root)
@@ -241,6 +252,33 @@ class Bridge:
         r.add_get("/{name}", self.get_narinfo)
         r.add_put("/{name}", self.put_narinfo)
         return app
+
+    @web.middleware
+    async def _metered(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every request reported to `metrics` (only installed with it): route pattern, method,
+        status (499: the client went away), duration, body bytes both ways."""
+        assert self.metrics is not None
+        start = time.perf_counter()
+        status, sent = 500, 0
+        try:
+            resp = await handler(request)
+            status = resp.status
+            body = getattr(resp, "body", None)
+            sent = len(body) if isinstance(body, bytes) else resp.body_length
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except (asyncio.CancelledError, ConnectionError):
+            status = 499
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            received = getattr(request.content, "total_bytes", 0)
+            self.metrics.observe(route, request.method, status, time.perf_counter() - start, received, sent)
 
     @web.middleware
     async def _access(

@@ -12,9 +12,18 @@ counted too). Per full method name (`/tvix.store.v1.BlobService/Put`, …):
   framing);
 - `tvix_store_grpc_in_flight{method}`: calls running now.
 
+`HttpMetrics` is what the nar-bridge reports per request (`observe`, called by its middleware
+in `tvix_store.narbridge.app`), by route pattern (`/nar/{name}`, `/{name}`: bounded label
+values), HTTP method and status: `tvix_store_http_requests_total{route,method,status}`,
+`tvix_store_http_request_duration_seconds{route,method}`, `tvix_store_http_received_bytes_total`
+and `tvix_store_http_sent_bytes_total{route}`.
+
+`StoreStats` exports a store's own counters (`Store.counters`: cache hits and misses, bytes
+fetched, remote timeouts, breaker state, …) as `tvix_store_stat{name}`, read at each scrape.
+
 `MetricsServer` serves them as Prometheus text at `http://ADDR/metrics` from a thread of its
 own, over a registry of its own (plus the process collector: CPU, memory, open files).
-Not here: the servicers, the gRPC server's lifecycle (`grpc`), anything of the nar-bridge.
+Not here: the servicers, the gRPC server's lifecycle (`grpc`), the nar-bridge's handlers.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from tvix_store.core.errors import StoreError, ValidationError
 
@@ -135,16 +145,65 @@ class GrpcMetrics(grpc.ServerInterceptor):
         return make(timed, request_deserializer=request_deserializer, response_serializer=response_serializer)
 
 
+class HttpMetrics:
+    """See the module docstring."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "tvix_store_http_requests", "Finished HTTP requests", ("route", "method", "status"), registry=registry
+        )
+        self.duration = Histogram(
+            "tvix_store_http_request_duration_seconds",
+            "Duration of HTTP requests",
+            ("route", "method"),
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.received = Counter(
+            "tvix_store_http_received_bytes", "Bytes of request bodies received", ("route",), registry=registry
+        )
+        self.sent = Counter(
+            "tvix_store_http_sent_bytes", "Bytes of response bodies sent", ("route",), registry=registry
+        )
+
+    def observe(self, route: str, method: str, status: int, seconds: float, received: int, sent: int) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.duration.labels(route, method).observe(seconds)
+        if received:
+            self.received.labels(route).inc(received)
+        if sent:
+            self.sent.labels(route).inc(sent)
+
+
+class StoreStats:
+    """A collector of a store's counters (see the module docstring)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tvix_store_stat", "Counters of the store (cache, remote, breaker)", labels=["name"])
+        for name, value in sorted(self.snapshot().items()):
+            family.add_metric([name], value)
+        yield family
+
+
 class MetricsServer:
     """The Prometheus endpoint: `start(listen)` binds `HOST:PORT` (port 0: ephemeral) and returns
-    its URL; `stop()` ends it. The registry holds `GrpcMetrics` and the process collector."""
+    its URL; `stop()` ends it. The registry holds `GrpcMetrics`, `HttpMetrics`, the process
+    collector and, once `add_store` named one, the store's counters."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.grpc = GrpcMetrics(self.registry)
+        self.http = HttpMetrics(self.registry)
         self._server: Any = None
         self.url = ""
+
+    def add_store(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        """Export a store's counters (`Store.counters.snapshot`)."""
+        self.registry.register(StoreStats(snapshot))  # type: ignore[arg-type]
 
     def start(self, listen: str) -> str:
         host, sep, port = listen.rpartition(":")
