@@ -185,7 +185,7 @@ def _add_bridge(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_security(p: argparse.ArgumentParser, bridge: bool) -> None:
+def _add_security(p: argparse.ArgumentParser) -> None:
     """TLS, tokens and the network-exposure guard of a server (`daemon`, `nar-bridge`)."""
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (with --tls-key)")
@@ -198,12 +198,11 @@ def _add_security(p: argparse.ArgumentParser, bridge: bool) -> None:
         metavar="FILE",
         help="require a bearer token: one 'TOKEN ro|rw' a line (ro: reads only; rw: reads and writes)",
     )
-    if bridge:
-        g.add_argument(
-            "--public-reads",
-            action="store_true",
-            help="nar-bridge: downloads need no token (uploads still need an rw token)",
-        )
+    g.add_argument(
+        "--public-reads",
+        action="store_true",
+        help="nar-bridge: downloads need no token (uploads still need an rw token)",
+    )
     g.add_argument(
         "--insecure",
         action="store_true",
@@ -323,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nar-bridge", metavar="ADDR", help="also serve the store as a Nix HTTP binary cache on ADDR (HOST:PORT)"
     )
     _add_bridge(d)
-    _add_security(d, bridge=True)
+    _add_security(d)
     d.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
@@ -428,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--listen", default="127.0.0.1:9000", metavar="ADDR", help="HOST:PORT or unix:/path")
     _add_store(nb)
     _add_bridge(nb)
-    _add_security(nb, bridge=True)
+    _add_security(nb)
     _add_metrics(nb)
     nb.add_argument(
         "--idle-timeout",
