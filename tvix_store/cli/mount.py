@@ -19,7 +19,7 @@ import sys
 import time
 
 from tvix_fuse.mount import check_fuse, check_mountpoint, run_foreground
-from tvix_store.cli import open_store_from_args, store_args
+from tvix_store.cli import UsageError, open_store_from_args, store_args
 from tvix_store.core.errors import StoreError
 
 log = logging.getLogger("tvix_fuse")
@@ -135,7 +135,10 @@ def _background(args: argparse.Namespace, mp: str) -> int:
         if ln not in errors:
             print(ln, file=sys.stderr)
     if errors:
-        raise StoreError(errors[-1].split(": ", 2)[-1])
+        message = errors[-1].split(": ", 2)[-1]
+        if proc.returncode == 2:  # the child's usage error is ours (a bad URL, --cache-dir misuse)
+            raise UsageError(message)
+        raise StoreError(message)
     if not eof:
         raise StoreError(f"the mount at {mp} did not answer within {READY_TIMEOUT:.0f} s")
     raise StoreError(f"the mount process exited with status {proc.returncode}")

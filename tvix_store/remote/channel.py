@@ -31,6 +31,11 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   Several batches at once (an import's workers) share one limit, `MAX_IN_FLIGHT`, below a
   daemon's default limit of streaming calls, so one client never fills a server alone.
 
+- Security (`ChannelSecurity`): TLS (`grpc+https://`: the CA file given, else the system's
+  roots; a client certificate for mutual TLS) and a bearer token sent with every call
+  (`authorization: Bearer …`). A token without TLS is only sent over loopback TCP or a unix
+  socket (gRPC's local credentials refuse anything else). Neither is ever logged.
+
 Counters: `timeouts` (calls failed as unavailable), `busy_retries` (batch calls retried after
 RESOURCE_EXHAUSTED), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
@@ -42,9 +47,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -77,6 +85,53 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 1_000),  # also the handshake timeout of a connection attempt
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a channel protects itself: TLS (`ca`: PEM roots, None for the system's; `cert` and
+    `key`: a client certificate for mutual TLS) and a bearer token. `repr` hides the secrets."""
+
+    tls: bool = False
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        hidden = "…" if self.token else None
+        has = f"ca={self.ca is not None}, cert={self.cert is not None}"
+        return f"ChannelSecurity(tls={self.tls}, {has}, token={hidden})"
+
+
+def _system_roots() -> bytes | None:
+    """The system's CA bundle (as OpenSSL finds it), or None for gRPC's bundled roots."""
+    paths = ssl.get_default_verify_paths()
+    for f in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if f:
+            try:
+                return Path(f).read_bytes()
+            except OSError:
+                continue
+    return None
+
+
+def channel_credentials(security: ChannelSecurity | None, target: str) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel to `target`, or None for a plain (insecure) one."""
+    if security is None or (not security.tls and not security.token):
+        return None
+    if security.tls:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=security.ca if security.ca is not None else _system_roots(),
+            private_key=security.key,
+            certificate_chain=security.cert,
+        )
+    else:
+        kind = grpc.LocalConnectionType.UDS if target.startswith("unix:") else grpc.LocalConnectionType.LOCAL_TCP
+        creds = grpc.local_channel_credentials(kind)
+    if security.token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(security.token))
+    return creds
 
 
 class Watch:
@@ -156,6 +211,7 @@ class Remote:
         counters: Counters | None = None,
         *,
         fail_fast: bool = False,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValidationError(f"invalid timeout {timeout!r}: must be positive")
@@ -164,7 +220,11 @@ class Remote:
         self.timeout = timeout
         self.counters = counters if counters is not None else Counters()
         self.counters.declare(("timeouts", "busy_retries"))
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._credentials = channel_credentials(security, target)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
         self.watchdog = Watchdog(timeout)
         self.breaker: CircuitBreaker | None = None
         if fail_fast:
@@ -287,7 +347,9 @@ class Remote:
             return self._loop, self._aio_channel
 
     async def _open_aio(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
 
     def many(
         self,
