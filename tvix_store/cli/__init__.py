@@ -414,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="no extended attributes (digests, stats): the kernel stops asking, `ls -l` of big directories "
         "gets about 10x faster",
     )
+    m.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="mount even when the remote cannot be reached and --cache-dir holds nothing (EIO until it is "
+        "back); without it such a mount fails with exit 1 (with cached data it serves that, warning once)",
+    )
     m.add_argument("--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=_lazy("tvix_store.cli.mount", "run"))

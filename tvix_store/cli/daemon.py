@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from tvix_store.core.errors import StoreError
+from tvix_store.util import sdnotify
 
 if TYPE_CHECKING:
     from tvix_store.serve.metrics import MetricsServer
@@ -94,8 +95,10 @@ def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, 
                     _serve_with_mount(store, address, args.mount, args.timeout, note)
             else:
                 log.info("listening on %s (store %s%s)", address, store.url or args.store, note)
+                sdnotify.ready(f"listening on {address}{note}")
                 while not stop.wait(1.0):
                     pass
+            sdnotify.stopping()
             log.info("shutting down: finishing in-flight calls (up to %g s)", GRACE_SECONDS)
         finally:
             stopping = None
@@ -120,6 +123,7 @@ def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: flo
 
     def ready() -> None:
         log.info("listening on %s (mounted at %s%s)", address, mountpoint, note)
+        sdnotify.ready(f"listening on {address}, mounted at {mountpoint}{note}")
 
     run_foreground(store, mountpoint, on_ready=ready, timeout=timeout)  # type: ignore[arg-type]
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tvix_store.cli import UsageError
 from tvix_store.core.errors import ValidationError
+from tvix_store.util import sdnotify
 
 if TYPE_CHECKING:
     from tvix_store.admission import Admission
@@ -121,8 +122,10 @@ def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, 
             if metrics is not None:
                 access += f"; metrics on {metrics.url}"
             log.info("nar-bridge listening on %s (store %s, signing keys: %s, %s)", server.url, store.url, keys, access)
+            sdnotify.ready(f"nar-bridge listening on {server.url}")
             while not stop.wait(1.0):
                 pass
+            sdnotify.stopping()
         finally:
             stop_gracefully(server)
     finally:
