@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +222,35 @@ def test_a_stale_mount_point_of_a_killed_mount_is_cleared(served: tuple[Daemon, 
     finally:
         kill_serving(mp)
         unmount(mp)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """`tvix_store_stat{name}` samples of a metrics endpoint, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "tvix_store_stat":
+            out.update({s.labels["name"]: s.value for s in fam.samples})
+    return out
+
+
+def test_a_mount_serves_its_counters_as_prometheus_metrics(served: tuple[Daemon, Path, str], tmp_path: Path) -> None:
+    d, tree, name = served
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    m = MountProc(mp, d.url, "--metrics-listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache"))
+    try:
+        wait_until(lambda: re.search(r"metrics on (http://\S+/metrics)\)", m.log), what="the mounted line")
+        found = re.search(r"metrics on (http://\S+/metrics)\)", m.log)
+        assert found
+        before = _scrape(found.group(1))
+        assert (mp / "store" / name / "a.txt").read_bytes() == (tree / "a.txt").read_bytes()
+        after = _scrape(found.group(1))
+        assert after["mount.reads"] >= before["mount.reads"] + 1
+        assert after["chunks_fetched"] >= before["chunks_fetched"] + 1  # the cache in front of the remote
+        assert "remote_down" in after
+    finally:
+        m.cleanup()

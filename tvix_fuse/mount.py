@@ -170,8 +170,12 @@ def run_foreground(
     on_ready: Callable[[], None] | None = None,
     timeout: float = 10.0,
     xattrs: bool = True,
+    on_counters: Callable[[Callable[[], dict[str, int]]], None] | None = None,
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or SIGINT/SIGTERM (main thread only).
+
+    `on_counters(snapshot)` is given the function that reads every counter of the mount (the
+    store's and the mount's own; thread-safe), e.g. for a metrics endpoint.
 
     `on_ready()` is called once, on the trio loop, when a stat of the mount root has been
     answered; it must not block. `timeout` is the remote's deadline: no request waits longer
@@ -182,6 +186,8 @@ def run_foreground(
     check_fuse()
     model = FsModel(store, store_root=store_root, deadline=timeout + 1.0)
     ops = Operations(model, xattrs=xattrs)
+    if on_counters is not None:
+        on_counters(model.all_counters)
     stop = _Stop()
     saved = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

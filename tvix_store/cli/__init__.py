@@ -420,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount even when the remote cannot be reached and --cache-dir holds nothing (EIO until it is "
         "back); without it such a mount fails with exit 1 (with cached data it serves that, warning once)",
     )
+    m.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (the mount's and its store's counters)",
+    )
     m.add_argument("--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=_lazy("tvix_store.cli.mount", "run"))

@@ -23,12 +23,16 @@ import select
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tvix_fuse.mount import check_fuse, check_mountpoint, run_foreground
 from tvix_store.cli import UsageError, open_store_from_args, store_args
 from tvix_store.core.errors import StoreError, UnavailableError
 from tvix_store.store import Store
 from tvix_store.util import sdnotify
+
+if TYPE_CHECKING:
+    from tvix_store.serve.metrics import MetricsServer
 
 log = logging.getLogger("tvix_fuse")
 
@@ -43,6 +47,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.foreground:
         return _background(args, mp)
     detach_to = os.environ.pop(_LOG_ENV, None)
+    from tvix_store.cli.narbridge import start_metrics
+
+    metrics = start_metrics(args)
+    try:
+        return _foreground(args, mp, detach_to, metrics)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def _foreground(args: argparse.Namespace, mp: str, detach_to: str | None, metrics: MetricsServer | None) -> int:
     store = open_store_from_args(args, long_lived=True)
     with store:
         if store.is_remote and not args.offline_ok:
@@ -51,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         def ready() -> None:
             if detach_to is not None:
                 _detach_stderr(detach_to)
-            log.info("mounted %s at %s (pid %d)", store.url or "store", mp, os.getpid())
+            note = f", metrics on {metrics.url}" if metrics is not None else ""
+            log.info("mounted %s at %s (pid %d%s)", store.url or "store", mp, os.getpid(), note)
             sdnotify.ready(f"mounted {store.url or 'store'} at {mp}")
 
         run_foreground(
@@ -62,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             on_ready=ready,
             timeout=args.timeout,
             xattrs=args.xattrs,
+            on_counters=metrics.add_store if metrics is not None else None,
         )
     return 0
 
@@ -123,6 +140,8 @@ def _child_argv(args: argparse.Namespace, mp: str) -> list[str]:
         argv.append("--no-xattrs")
     if args.offline_ok:
         argv.append("--offline-ok")
+    if args.metrics_listen:
+        argv += ["--metrics-listen", args.metrics_listen]
     return [*argv, mp]
 
 

@@ -5,6 +5,7 @@
 SOURCE is the store URL; OPTIONS are a comma-separated list. Options of ours become the
 options of `tvix-store mount` (`cache-dir=DIR`, `cache-size=SIZE`, `timeout=SECONDS`,
 `log-level=LEVEL`, `blob-store=URL`, `directory-store=URL`, `pathinfo-store=URL`,
+`metrics-listen=HOST:PORT`,
 `allow_other`, `store-root`, `no-xattrs`, `offline-ok`); the generic options `mount` and systemd pass are
 accepted and ignored (the mount is read-only whatever they say); anything else is a usage
 error (exit 2) naming it. Then `tvix-store mount` runs in background mode: this returns once
@@ -26,6 +27,7 @@ VALUED = {
     "blob-store": "--blob-store",
     "directory-store": "--directory-store",
     "pathinfo-store": "--pathinfo-store",
+    "metrics-listen": "--metrics-listen",
 }
 #: flags of ours
 FLAGS = {
