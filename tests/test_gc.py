@@ -305,15 +305,15 @@ def test_gc_of_a_5000_level_tree(tmp_path: Path) -> None:
 # the path is still there its NAR renders whole and right: a sweep that raced the import (an
 # object adopted, then deleted) would show here, before a remover can hide it.
 IMPORTER = """
-import json, random, sys, time
+import json, os, random, sys
 from pathlib import Path
 from tvix_store.compose import open_store
 from tvix_store.gc import GcLock
 from tvix_store.importer import import_path
-url, check_root, seed, deadline, trees = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+url, check_root, seed, stop, trees = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
 rng = random.Random(seed)
 with open_store(url) as s, open_store("local://" + check_root) as local:
-    while time.time() < deadline:
+    while not os.path.exists(stop):
         t = rng.choice(trees)
         try:
             info = import_path(s, t)
@@ -335,12 +335,12 @@ with open_store(url) as s, open_store("local://" + check_root) as local:
 
 # Removes a random store path of a dropped tree (named r…) ten times a second.
 REMOVER = """
-import random, sys, time
+import os, random, sys, time
 from tvix_store.compose import open_store
-url, deadline = sys.argv[1], float(sys.argv[2])
+url, stop = sys.argv[1], sys.argv[2]
 rng = random.Random(3)
 with open_store(url) as s:
-    while time.time() < deadline:
+    while not os.path.exists(stop):
         doomed = [i.store_path for i in s.pathinfos.iter_all() if i.store_path.name.startswith("r")]
         if doomed:
             s.pathinfos.delete(rng.choice(doomed).digest)
@@ -364,27 +364,29 @@ def test_gc_against_concurrent_imports(tmp_path: Path) -> None:
     imp(url, *kept, *dropped)
     age()
     d = Daemon(url)
-    deadline = time.time() + 20
+    stop = tmp_path / "stop"  # the importers and the remover end when it appears
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", IMPORTER, u, str(tmp_path / "store"), str(n), str(deadline), *trees],
+            [sys.executable, "-c", IMPORTER, u, str(tmp_path / "store"), str(n), str(stop), *trees],
             stdout=subprocess.PIPE,
         )
         for n, u in enumerate([url, url, url, d.url])
     ]
-    procs.append(subprocess.Popen([sys.executable, "-c", REMOVER, url, str(deadline)]))
+    procs.append(subprocess.Popen([sys.executable, "-c", REMOVER, url, str(stop)]))
     gc_runs = 0
+    start = time.monotonic()
     try:
-        while time.time() < deadline:
+        # at least 10 gc runs and 20 s of racing (a minimum: on a slow machine it runs longer)
+        while gc_runs < 10 or time.monotonic() - start < 20:
             cli("gc", "--store", url, "--grace", "0s")
             gc_runs += 1
-        outs = [p.communicate(timeout=60)[0] for p in procs[:4]]
+        stop.touch()
+        outs = [p.communicate(timeout=120)[0] for p in procs[:4]]
         assert procs[4].wait(60) == 0
     finally:
         for p in procs:
             p.kill()
         assert d.stop() == 0
-    assert gc_runs >= 10
     done = [json.loads(line) for out in outs for line in out.decode().splitlines()]
     local = [x for out in outs[:3] for x in map(json.loads, out.decode().splitlines())]
     assert len(local) >= 30 and all(x[1] is not None for x in local), [x for x in local if x[1] is None][:3]
