@@ -22,8 +22,9 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
 - No retries here: a failed call is reported; the breaker and the callers decide. One
   exception: a batch call refused with RESOURCE_EXHAUSTED (a server at its limit of
-  streaming calls, "retry later"; or grpc.aio's form of that refusal, `_busy`) is retried with backoff for up to `timeout` seconds (the
-  calls of `many` are idempotent: Stat, Read, Put of content-addressed bytes).
+  streaming calls, "retry later"; or grpc.aio's form of that refusal, `_busy`) is retried
+  with backoff for up to `timeout` seconds (the calls of `many` are idempotent: Stat, Read,
+  Put of content-addressed bytes).
 
 - Many calls at once (`many`): a second, asyncio channel on a loop thread of its own keeps
   up to `window` calls of a batch in flight without a thread per call (the sync API starts
