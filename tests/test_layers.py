@@ -50,6 +50,7 @@ CONFINED = {
     "google.protobuf": ("tvix_store.protocol",),
     "aiohttp": ("tvix_store.narbridge.app", "tvix_store.narbridge.server"),
     "cryptography": ("tvix_store.narbridge.signing",),
+    "obstore": ("tvix_store.objects.buckets",),
 }
 
 

@@ -13,6 +13,10 @@ Schemes (`SCHEMES`; a backend registers with `register`):
     local:///abs/path[?fsync=1]  the embedded store (`objects.packs`)
     grpc+http://HOST:PORT        a remote tvix-store (`tvix.store.v1`)
     grpc+unix:///abs/path.sock   the same over a unix socket
+    objectstore+s3://BUCKET[/PREFIX][?aws_endpoint_url=…&aws_allow_http=true]
+    objectstore+file:///abs/path, objectstore+memory:///, objectstore+http(s)://HOST/PREFIX
+                                 blobs and Directories in the tvix/snix bucket layout
+                                 (`objects.buckets`; http(s) read-only); no path infos
 
 This module only wires; the backends live in the service packages and the object layer.
 """
@@ -298,7 +302,28 @@ def _open_grpc(url: str, opts: Options) -> Backend:
     )
 
 
+def _open_bucket(url: str, opts: Options) -> Backend:
+    from tvix_store.blobservice.bucket import BucketBlobService
+    from tvix_store.directoryservice.bucket import BucketDirectoryService
+    from tvix_store.objects.buckets import open_bucket
+
+    objects = open_bucket(url, opts.timeout)
+
+    def no_pathinfos(b: BlobService, d: DirectoryService) -> PathInfoService:
+        raise ValidationError(
+            f"{objects.name} holds blobs and Directories only (the tvix/snix bucket layout has no path "
+            "infos): name a path-info store with --pathinfo-store (e.g. postgresql://…)"
+        )
+
+    return Backend(lambda: BucketBlobService(objects), lambda: BucketDirectoryService(objects), no_pathinfos)
+
+
 register("local", _open_local, "local:///path")
 register("memory", _open_memory, "memory://")
 register("grpc+http", _open_grpc, "grpc+http://HOST:PORT")
 register("grpc+unix", _open_grpc, "grpc+unix:///path")
+register("objectstore+s3", _open_bucket, "objectstore+s3://BUCKET[/PREFIX][?OPTIONS]")
+register("objectstore+file", _open_bucket, "objectstore+file:///path")
+register("objectstore+memory", _open_bucket, "objectstore+memory:///")
+register("objectstore+http", _open_bucket, "objectstore+http://HOST/PREFIX")
+register("objectstore+https", _open_bucket, "objectstore+https://HOST/PREFIX")
