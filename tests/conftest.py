@@ -195,6 +195,7 @@ def postgres() -> Iterator[PostgreSQL]:
         "objectstore-memory",
         "objectstore-file",
         "objectstore-s3",
+        "postgresql",
     ]
 )
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:

@@ -17,6 +17,9 @@ Schemes (`SCHEMES`; a backend registers with `register`):
     objectstore+file:///abs/path, objectstore+memory:///, objectstore+http(s)://HOST/PREFIX
                                  blobs and Directories in the tvix/snix bucket layout
                                  (`objects.buckets`; http(s) read-only); no path infos
+    postgresql://USER@/DB?host=/socket/dir&port=5432, postgresql://USER:PW@HOST:PORT/DB
+                                 Directories and path infos in PostgreSQL (`remote.postgres`);
+                                 no blobs
 
 This module only wires; the backends live in the service packages and the object layer.
 """
@@ -318,6 +321,27 @@ def _open_bucket(url: str, opts: Options) -> Backend:
     return Backend(lambda: BucketBlobService(objects), lambda: BucketDirectoryService(objects), no_pathinfos)
 
 
+def _open_postgres(url: str, opts: Options) -> Backend:
+    from tvix_store.directoryservice.postgres import PostgresDirectoryService
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+    from tvix_store.remote.postgres import Database
+
+    db = Database(url, opts.timeout)
+
+    def no_blobs() -> BlobService:
+        raise ValidationError(
+            f"{db.name} holds Directories and path infos only: name a blob store with --blob-store "
+            "(e.g. objectstore+s3://…)"
+        )
+
+    return Backend(
+        no_blobs,
+        lambda: PostgresDirectoryService(db),
+        lambda b, d: PostgresPathInfoService(db, b, d),
+        db.close_if_unused,
+    )
+
+
 register("local", _open_local, "local:///path")
 register("memory", _open_memory, "memory://")
 register("grpc+http", _open_grpc, "grpc+http://HOST:PORT")
@@ -327,3 +351,5 @@ register("objectstore+file", _open_bucket, "objectstore+file:///path")
 register("objectstore+memory", _open_bucket, "objectstore+memory:///")
 register("objectstore+http", _open_bucket, "objectstore+http://HOST/PREFIX")
 register("objectstore+https", _open_bucket, "objectstore+https://HOST/PREFIX")
+register("postgresql", _open_postgres, "postgresql://[USER@][HOST]/DB[?host=/socket/dir&port=N]")
+register("postgres", _open_postgres, "postgres://…")

@@ -1,0 +1,144 @@
+"""`Database`: a PostgreSQL connection pool with deadlines, the schema, and the error map.
+
+Used by the `postgresql://` Directory and PathInfo services
+(`directoryservice.postgres`, `pathinfoservice.postgres`); one `Database` per URL, shared by
+both (reference counted: the last service to close closes the pool).
+
+- URLs are libpq connection URIs, including a unix socket directory:
+  `postgresql://USER@/DB?host=/run/postgresql&port=5432`, or `postgresql://USER:PW@HOST:PORT/DB`.
+  Messages name the URL without its password.
+- Deadlines: `connect_timeout`, the pool's wait for a connection, and `statement_timeout` on
+  every session are all the store's `--timeout`; a database that is down, unreachable or
+  too slow is an UnavailableError within about that time. Connections are checked when
+  taken from the pool, so a restarted server is used again without a restart here.
+- Schema: created on first use, versioned (`tvix_schema.version`, `SCHEMA_VERSION`) under an
+  advisory lock (several daemons may start at once); a newer schema than this code knows is
+  refused, an older one upgraded in one transaction.
+
+Not here: what the tables mean (the services), caching.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse, urlunparse
+
+import psycopg
+import psycopg_pool
+
+from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_LOCK = 0x74766978  # "tvix": the advisory lock of schema changes
+
+#: version → statements that bring the schema from version-1 to it
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        # a Directory by digest: its canonical protobuf encoding and its size (for graph checks)
+        "CREATE TABLE directories (digest bytea PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL)",
+        # parent → child Directory references: a closure in one recursive query
+        "CREATE TABLE directory_children (parent bytea NOT NULL, child bytea NOT NULL, PRIMARY KEY (parent, child))",
+        # a PathInfo by the 20-byte hash of its store path: its protobuf encoding
+        "CREATE TABLE pathinfos (hash bytea PRIMARY KEY, data bytea NOT NULL)",
+    ],
+}
+
+
+def _safe_name(url: str) -> str:
+    u = urlparse(url)
+    if u.password is not None:
+        host = u.hostname or ""
+        netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
+        u = u._replace(netloc=netloc)
+    return urlunparse(u)
+
+
+class Database:
+    """A pool of connections to one database (see the module docstring). Thread-safe."""
+
+    def __init__(self, url: str, timeout: float = 10.0, max_size: int = 8) -> None:
+        self.name = _safe_name(url)
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as e:
+            raise ValidationError(f"invalid store URL {self.name!r}: {str(e).strip().splitlines()[0]}") from None
+        self.timeout = timeout
+        ms = max(1, int(timeout * 1000))
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            timeout=timeout,
+            kwargs={"connect_timeout": max(1, round(timeout)), "options": f"-c statement_timeout={ms}"},
+            check=psycopg_pool.ConnectionPool.check_connection,
+            open=False,
+            name="tvix-store",
+        )
+        self._pool.open(wait=False)
+        self._refs = 0
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def retain(self) -> Database:
+        with self._lock:
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs <= 0
+        if last:
+            self._pool.close(timeout=1)
+
+    def close_if_unused(self) -> None:
+        """Close the pool unless a service holds it (an opener whose services were never made)."""
+        with self._lock:
+            unused = self._refs <= 0
+        if unused:
+            self._pool.close(timeout=1)
+
+    def _failed(self, e: Exception, what: str) -> StoreError:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, psycopg_pool.PoolTimeout | psycopg.OperationalError):
+            return UnavailableError(f"database {self.name} unavailable ({what}): {msg}")
+        return StoreError(f"database {self.name} failed {what}: {msg}")
+
+    def run(self, what: str, fn: Callable[[Any], T], *, write: bool = False) -> T:
+        """`fn(cursor)` in one transaction (committed if it returns); errors mapped."""
+        try:
+            if not self._ready:
+                self._migrate()
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                return fn(cur)
+        except StoreError:
+            raise
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            raise self._failed(e, what) from None
+
+    def _migrate(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                cur.execute("CREATE TABLE IF NOT EXISTS tvix_schema (version integer NOT NULL)")
+                cur.execute("SELECT max(version) FROM tvix_schema")
+                row = cur.fetchone()
+                have = row[0] if row and row[0] is not None else 0
+                if have > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"database {self.name} has schema version {have}; this tvix-store knows up to "
+                        f"{SCHEMA_VERSION}: upgrade tvix-store"
+                    )
+                for v in range(have + 1, SCHEMA_VERSION + 1):
+                    for stmt in MIGRATIONS[v]:
+                        cur.execute(stmt)
+                if have < SCHEMA_VERSION:
+                    cur.execute("DELETE FROM tvix_schema")
+                    cur.execute("INSERT INTO tvix_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            self._ready = True
