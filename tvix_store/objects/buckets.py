@@ -197,6 +197,8 @@ def open_bucket(url: str, timeout: float = 10.0) -> BucketObjectStore:
                 raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}{u.scheme}://HOST/PREFIX")
             if config:
                 raise ValidationError(f"invalid store URL {url!r}: unknown option {next(iter(config))!r}")
+            if u.scheme == "http":
+                client.setdefault("allow_http", True)  # the URL says plain HTTP
             store = HTTPStore.from_url(bare, client_options=client, retry_config=retry)
             return BucketObjectStore(store, name, remote=True, writable=False, can_list=False)
     except ValidationError:

@@ -20,6 +20,7 @@ Not here: what the tables mean (the services), caching.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,6 +32,10 @@ import psycopg_pool
 from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
 
 T = TypeVar("T")
+
+# the pool logs each failed reconnection as a warning with libpq's multi-line text; the caller
+# gets one UnavailableError naming the database instead (the CLI prints one line)
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 SCHEMA_VERSION = 1
 _LOCK = 0x74766978  # "tvix": the advisory lock of schema changes
