@@ -104,13 +104,17 @@ class SeaweedFS:
             )
         probe = f"/{self.BUCKET}/.ready-{uuid.uuid4().hex[:8]}"
         # ready = the bucket exists (or can be made) and an object can be written
-        _poll(
-            lambda: self._put(f"/{self.BUCKET}") in (200, 409) and self._put(probe, b"x") == 200,
-            "SeaweedFS",
-            90,
-            self.proc,
-            self.log,
-        )
+        try:
+            _poll(
+                lambda: self._put(f"/{self.BUCKET}") in (200, 409) and self._put(probe, b"x") == 200,
+                "SeaweedFS",
+                90,
+                self.proc,
+                self.log,
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

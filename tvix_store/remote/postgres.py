@@ -20,6 +20,7 @@ Not here: what the tables mean (the services), caching.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -33,9 +34,11 @@ from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
 
 T = TypeVar("T")
 
+
 # the pool logs each failed reconnection as a warning with libpq's multi-line text; the caller
-# gets one UnavailableError naming the database instead (the CLI prints one line)
+# gets one UnavailableError naming the database and the reason instead (the CLI prints one line)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+_names = itertools.count()
 
 SCHEMA_VERSION = 1
 _LOCK = 0x74766978  # "tvix": the advisory lock of schema changes
@@ -72,21 +75,46 @@ class Database:
         except psycopg.Error as e:
             raise ValidationError(f"invalid store URL {self.name!r}: {str(e).strip().splitlines()[0]}") from None
         self.timeout = timeout
-        ms = max(1, int(timeout * 1000))
-        self._pool = psycopg_pool.ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_size,
-            timeout=timeout,
-            kwargs={"connect_timeout": max(1, round(timeout)), "options": f"-c statement_timeout={ms}"},
-            check=psycopg_pool.ConnectionPool.check_connection,
-            open=False,
-            name="tvix-store",
-        )
-        self._pool.open(wait=False)
+        self._url = url
+        self._max = max_size
+        self._kwargs = {
+            "connect_timeout": max(2, round(timeout / 2)),
+            "options": f"-c statement_timeout={max(1, int(timeout * 1000))}",
+        }
+        self._pool = self._new_pool()
         self._refs = 0
         self._ready = False
         self._lock = threading.Lock()
+
+    def _new_pool(self) -> psycopg_pool.ConnectionPool:
+        pool = psycopg_pool.ConnectionPool(
+            self._url,
+            min_size=1,
+            max_size=self._max,
+            timeout=max(1.0, self.timeout / 2),  # the other half: `_probe` when it runs out
+            kwargs=self._kwargs,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            open=False,
+            name=f"tvix-store-{next(_names)}",
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _probe(self) -> str | None:
+        """Why a new connection fails now, or None if one works (the pool's own reconnection
+        backs off exponentially: after a long outage it would lag behind a server that is back)."""
+        try:
+            psycopg.connect(self._url, **self._kwargs).close()  # type: ignore[arg-type]
+        except psycopg.Error as e:
+            return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None
+
+    def _renew(self, stale: psycopg_pool.ConnectionPool) -> None:
+        with self._lock:
+            if self._pool is not stale:
+                return  # another thread did it
+            self._pool = self._new_pool()
+        stale.close(timeout=0)
 
     def retain(self) -> Database:
         with self._lock:
@@ -114,22 +142,39 @@ class Database:
         return StoreError(f"database {self.name} failed {what}: {msg}")
 
     def run(self, what: str, fn: Callable[[Any], T], *, write: bool = False) -> T:
-        """`fn(cursor)` in one transaction (committed if it returns); errors mapped."""
+        """`fn(cursor)` in one transaction (committed if it returns); errors mapped. When no
+        connection comes within half the deadline, one direct attempt says why (or, if the
+        server is back, the pool is renewed and the call made once more)."""
+        pool = self._pool
         try:
-            if not self._ready:
-                self._migrate()
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                return fn(cur)
+            return self._once(pool, fn)
         except StoreError:
             raise
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+        except psycopg_pool.PoolTimeout:
+            why = self._probe()
+            if why is not None:
+                raise UnavailableError(f"database {self.name} unavailable ({what}): {why}") from None
+            self._renew(pool)
+            try:
+                return self._once(self._pool, fn)
+            except StoreError:
+                raise
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+                raise self._failed(e, what) from None
+        except psycopg.Error as e:
             raise self._failed(e, what) from None
 
-    def _migrate(self) -> None:
+    def _once(self, pool: psycopg_pool.ConnectionPool, fn: Callable[[Any], T]) -> T:
+        if not self._ready:
+            self._migrate(pool)
+        with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            return fn(cur)
+
+    def _migrate(self, pool: psycopg_pool.ConnectionPool) -> None:
         with self._lock:
             if self._ready:
                 return
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
                 cur.execute("CREATE TABLE IF NOT EXISTS tvix_schema (version integer NOT NULL)")
                 cur.execute("SELECT max(version) FROM tvix_schema")
