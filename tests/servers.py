@@ -117,10 +117,12 @@ class SeaweedFS:
             raise
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL after 3 s (weed takes its time to shut down; its writes are in
+        files already, so a kill loses nothing acknowledged)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
