@@ -5,8 +5,8 @@ Layout and encodings: `tvix_store.protocol.bucket` (chunks zstd-compressed under
 cut by FastCDC 2020 with tvix/snix's parameters (`tvix_store.chunking.v2020`), so blobs
 written here and by snix share chunks.
 
-- Writing: chunks are hashed as they are cut; each is uploaded unless present (HEAD, then a
-  put-if-absent), several in flight (`INFLIGHT`) to hide the round trip; the index goes last,
+- Writing: chunks are hashed as they are cut; each is uploaded with a put-if-absent (one
+  request; snix HEADs first), several in flight (`INFLIGHT`) to hide the round trip; the index goes last,
   after every chunk it names. A blob's first chunk waits until a second one exists or the
   writer closes: an aborted one-chunk blob leaves nothing behind, and an aborted bigger one
   at most chunks (never its index: the blob stays absent).
@@ -49,6 +49,7 @@ class BucketBlobService(BlobService):
         self._sizes: OrderedDict[B3Digest, int] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=INFLIGHT, thread_name_prefix="tvix-bucket")
+        self._outer = ThreadPoolExecutor(max_workers=INFLIGHT, thread_name_prefix="tvix-bucket-put")
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -153,10 +154,15 @@ class BucketBlobService(BlobService):
         return BucketBlobWriter(self)
 
     def _upload(self, digest: bytes, chunk: bytes) -> None:
-        key = bucket.chunk_key(digest)
-        if not self.objects.has(key):
-            self.objects.put(key, bucket.compress(chunk))
+        # put-if-absent: one request; a chunk already there is not replaced (snix HEADs first:
+        # a round trip more per new chunk, and the importer asks `has` of whole blobs anyway)
+        self.objects.put(bucket.chunk_key(digest), bucket.compress(chunk))
         self._remember(B3Digest(digest), len(chunk))
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Many small blobs uploaded in parallel (`INFLIGHT` at a time, on their own threads:
+        each writer uses the chunk pool)."""
+        return list(self._outer.map(self.put, blobs))
 
     def iter_digests(self) -> Iterator[B3Digest]:
         """Every blob with an index object (snix writes one for every blob)."""
@@ -166,6 +172,7 @@ class BucketBlobService(BlobService):
                 yield d
 
     def close(self) -> None:
+        self._outer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         self.objects.close()
 
@@ -226,9 +233,7 @@ class BucketBlobWriter(BlobWriter):
                 self._inflight.popleft().result()
             digest = B3Digest(self._hasher.digest())
             objects = self._svc.objects
-            key = bucket.blob_key(digest)
-            if not objects.has(key):
-                objects.put(key, bucket.encode_index(self._chunks))
+            objects.put(bucket.blob_key(digest), bucket.encode_index(self._chunks))  # if absent
         except BaseException:
             self.abort()
             raise

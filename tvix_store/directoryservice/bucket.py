@@ -116,10 +116,10 @@ class BucketDirectoryService(DirectoryService):
                         raise NotFoundError(f"directory {c.digest.hex()} vanished while a graph was put")
                     known.update(more)
 
-        def write(d: Directory) -> None:
-            key = bucket.dir_key(d.digest)
-            if not self.objects.has(key):
-                self.objects.put(key, bucket.encode_closure(x.encoded for x in self._bfs(d.digest, known)))
+        def write(d: Directory) -> None:  # put-if-absent: an object already there stays
+            self.objects.put(
+                bucket.dir_key(d.digest), bucket.encode_closure(x.encoded for x in self._bfs(d.digest, known))
+            )
 
         for _ in self._pool.map(write, order):  # leaves first, INFLIGHT at a time
             pass
