@@ -40,6 +40,7 @@ from tvix_store.directoryservice import DirectoryService
 from tvix_store.pathinfoservice import PathInfoService
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
+from tvix_store.util.urls import redact
 
 log = logging.getLogger("tvix_store")
 
@@ -97,7 +98,7 @@ def default_url() -> str:
 
 
 def _unsupported(url: str) -> ValidationError:
-    return ValidationError(f"unsupported store URL {url!r}: expected {', '.join(USAGE.values())}")
+    return ValidationError(f"unsupported store URL {redact(url)!r}: expected {', '.join(USAGE.values())}")
 
 
 def open_backend(url: str, opts: Options) -> Backend:
@@ -163,6 +164,8 @@ def open_store(
 
 
 def _describe(urls: dict[str, str]) -> str:
+    """How the store is named in logs and messages (secrets in the URLs redacted)."""
+    urls = {k: redact(v) for k, v in urls.items()}
     distinct = list(dict.fromkeys(urls.values()))
     if len(distinct) == 1:
         return distinct[0]

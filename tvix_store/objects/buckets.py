@@ -37,6 +37,7 @@ from obstore.store import HTTPStore, LocalStore, MemoryStore, S3Store
 from tvix_store.core.capabilities import Capabilities
 from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
 from tvix_store.objects import ObjectInfo, ObjectStore
+from tvix_store.util.urls import redact
 
 PREFIX = "objectstore+"
 #: object_store's client (HTTP) options; accepted bare or with an `aws_` prefix
@@ -160,7 +161,7 @@ def open_bucket(url: str, timeout: float = 10.0) -> BucketObjectStore:
     """Open an `objectstore+…` URL (the module docstring). ValidationError for a bad URL or an
     unknown option; nothing is contacted yet (the first call finds out whether the server is there)."""
     if not url.startswith(PREFIX):
-        raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}SCHEME://…")
+        raise ValidationError(f"invalid store URL {redact(url)!r}: expected {PREFIX}SCHEME://…")
     inner = url[len(PREFIX) :]
     u = urlparse(inner)
     bare = urlunparse(u._replace(query="", fragment=""))
@@ -172,11 +173,11 @@ def open_bucket(url: str, timeout: float = 10.0) -> BucketObjectStore:
     try:
         if u.scheme == "memory":
             if u.netloc or u.path not in ("", "/") or query:
-                raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}memory:///")
+                raise ValidationError(f"invalid store URL {redact(url)!r}: expected {PREFIX}memory:///")
             return BucketObjectStore(MemoryStore(), name, remote=False)
         if u.scheme == "file":
             if u.netloc or not u.path.startswith("/") or query:
-                raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}file:///absolute/path")
+                raise ValidationError(f"invalid store URL {redact(url)!r}: expected {PREFIX}file:///absolute/path")
             os.makedirs(u.path, exist_ok=True)
             return BucketObjectStore(LocalStore(u.path, mkdir=True), name, remote=False)
         config: dict[str, str] = {}
@@ -189,14 +190,14 @@ def open_bucket(url: str, timeout: float = 10.0) -> BucketObjectStore:
                 config[k] = value
         if u.scheme in ("s3", "s3a"):
             if not u.netloc:
-                raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}s3://BUCKET[/PREFIX]")
+                raise ValidationError(f"invalid store URL {redact(url)!r}: expected {PREFIX}s3://BUCKET[/PREFIX]")
             store = S3Store.from_url(bare, config=config or None, client_options=client, retry_config=retry)
             return BucketObjectStore(store, name, remote=True)
         if u.scheme in ("http", "https"):
             if not u.netloc:
-                raise ValidationError(f"invalid store URL {url!r}: expected {PREFIX}{u.scheme}://HOST/PREFIX")
+                raise ValidationError(f"invalid store URL {redact(url)!r}: expected {PREFIX}{u.scheme}://HOST/PREFIX")
             if config:
-                raise ValidationError(f"invalid store URL {url!r}: unknown option {next(iter(config))!r}")
+                raise ValidationError(f"invalid store URL {redact(url)!r}: unknown option {next(iter(config))!r}")
             if u.scheme == "http":
                 client.setdefault("allow_http", True)  # the URL says plain HTTP
             store = HTTPStore.from_url(bare, client_options=client, retry_config=retry)
@@ -208,6 +209,6 @@ def open_bucket(url: str, timeout: float = 10.0) -> BucketObjectStore:
     except Exception as e:  # noqa: BLE001 - obstore refuses the URL or an option value
         raise ValidationError(f"invalid store URL {name!r}: {str(e).strip().splitlines()[0]}") from None
     raise ValidationError(
-        f"invalid store URL {url!r}: expected {PREFIX}memory:///, {PREFIX}file:///PATH, "
+        f"invalid store URL {redact(url)!r}: expected {PREFIX}memory:///, {PREFIX}file:///PATH, "
         f"{PREFIX}s3://BUCKET[/PREFIX] or {PREFIX}http(s)://HOST/PREFIX"
     )

@@ -25,12 +25,12 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlparse, urlunparse
 
 import psycopg
 import psycopg_pool
 
 from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
+from tvix_store.util.urls import redact
 
 T = TypeVar("T")
 
@@ -56,20 +56,11 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
-def _safe_name(url: str) -> str:
-    u = urlparse(url)
-    if u.password is not None:
-        host = u.hostname or ""
-        netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
-        u = u._replace(netloc=netloc)
-    return urlunparse(u)
-
-
 class Database:
     """A pool of connections to one database (see the module docstring). Thread-safe."""
 
     def __init__(self, url: str, timeout: float = 10.0, max_size: int = 8) -> None:
-        self.name = _safe_name(url)
+        self.name = redact(url)
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as e:
