@@ -94,7 +94,7 @@ class SeaweedFS:
         args = [self.weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"]
         for n in ("master", "volume", "filer", "s3"):
             args += [f"-{n}.port={self.ports[n]}", f"-{n}.port.grpc={self.grpc[n]}"]
-        args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=30"]
+        args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=100"]
         # without AWS_* in its environment: SeaweedFS would turn them into an identity and refuse
         # the unsigned requests this helper makes
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

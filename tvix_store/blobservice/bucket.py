@@ -133,7 +133,8 @@ class BucketBlobService(BlobService):
 
     def read_many(self, digests: Sequence[B3Digest]) -> Iterator[tuple[B3Digest, bytes | None | StoreError]]:
         """Many chunks read in parallel (`INFLIGHT` at a time), answered as they complete."""
-        futures = {self._pool.submit(self.read_chunk, d): d for d in digests}
+        # on the outer pool: `read_chunk` of a multi-chunk blob fans out on the chunk pool
+        futures = {self._outer.submit(self.read_chunk, d): d for d in digests}
         for fut in as_completed(futures):
             d = futures[fut]
             try:

@@ -78,6 +78,11 @@ class BucketObjectStore(ObjectStore):
 
     def _failed(self, e: Exception, what: str) -> StoreError:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "169.254.169.254" in msg:  # no credentials given: object_store asked the EC2 metadata service
+            msg = (
+                "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or aws_skip_signature=true "
+                "for a public bucket); the instance metadata service answered: " + msg
+            )
         if isinstance(e, obx.PermissionDeniedError | obx.UnauthenticatedError):
             return StoreError(f"object store {self.name}: access denied for {what}: {msg}")
         return UnavailableError(f"object store {self.name} failed {what}: {msg}")
