@@ -150,8 +150,9 @@ class PostgreSQL:
         self.data = root / "pgdata"
         self.log = root / "pg.log"
         self.port = free_port()
-        pw = pwd.getpwnam(self.USER)
-        os.chown(root, pw.pw_uid, pw.pw_gid)
+        if os.geteuid() == 0:  # initdb refuses root: the cluster runs as `postgres`, in a dir it owns
+            pw = pwd.getpwnam(self.USER)
+            os.chown(root, pw.pw_uid, pw.pw_gid)
         self._as_pg(f"{self.bin}/initdb", "-D", str(self.data), "-A", "trust", "-U", self.USER, "-E", "UTF8")
         self.start()
         self._as_pg(f"{self.bin}/createdb", "-h", str(self.root), "-p", str(self.port), "-U", self.USER, "tvix")
