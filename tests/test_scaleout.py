@@ -214,25 +214,41 @@ def test_s3_stopped_is_a_clear_error_everywhere_then_recovers(
         d.stop()
 
 
-def test_postgres_stopped_is_a_clear_error_then_recovers(
+@pytest.mark.mount
+@requires_fuse
+def test_postgres_stopped_is_a_clear_error_everywhere_then_recovers(
     tmp_path: Path, stoppable: tuple[SeaweedFS, PostgreSQL]
 ) -> None:
     seaweed, postgres = stoppable
-    bucket, db = "objectstore+memory:///", postgres.fresh_db()
+    bucket, db = f"objectstore+file://{tmp_path / 'bucket'}", postgres.fresh_db()
     src = tree(tmp_path / "src", seed=6)
     d = Daemon(bucket, extra=("--pathinfo-store", db, "--timeout", str(TIMEOUT)))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = MountProc(mnt, bucket, "--pathinfo-store", db, "--timeout", str(TIMEOUT))
     try:
         imported("--store", d.url, path=src)
-        # a path the daemon never saw (it keeps the ones it saw in its cache)
-        name = imported(*services("objectstore+memory:///", db), path=tree(tmp_path / "other", seed=7))
+        # a path neither the daemon nor the mount saw (they keep the ones they saw in their caches)
+        name = imported(*services(bucket, db), path=tree(tmp_path / "other", seed=7))
         postgres.stop()
+        # the CLI: one line naming the database, exit 1
         t = time.monotonic()
-        p = cli("path", "list", *services("objectstore+memory:///", db), "--timeout", str(TIMEOUT), check=False)
+        p = cli("path", "list", *services(bucket, db), "--timeout", str(TIMEOUT), check=False)
         one_line_error(p, 1, "database", "unavailable")
-        assert time.monotonic() - t < 2 * TIMEOUT + GUARANTEE_SLACK + 5
+        assert time.monotonic() - t < 2 * TIMEOUT + GUARANTEE_SLACK + 5  # process start included
+        # the daemon: UNAVAILABLE, which the gRPC client says in one line
         p = cli("path", "info", "--store", d.url, name, "--timeout", str(TIMEOUT * 3), check=False)
         one_line_error(p, 1, "unavailable")
+        # the mount: EIO for a look-up it cannot answer
+        t = time.monotonic()
+        with pytest.raises(OSError) as ei:
+            os.stat(mnt / "store" / name)
+        assert ei.value.errno == errno.EIO
+        assert time.monotonic() - t < 2 * TIMEOUT + GUARANTEE_SLACK
         postgres.start()
+        # back: no restart of the daemon or the mount
         assert name in cli("path", "info", "--store", d.url, name).stdout.decode()
+        diff(tmp_path / "other", mnt / "store" / name)
     finally:
+        m.release()
         d.stop()
