@@ -67,3 +67,10 @@ class ResourceExhaustedError(StoreError):
 
     gRPC: RESOURCE_EXHAUSTED. CLI: exit 1. FUSE: ENOSPC where it applies, else EIO.
     """
+
+
+class AccessDeniedError(StoreError):
+    """A remote refused the call: no valid credentials, or a read-only token asked to write.
+
+    gRPC: UNAUTHENTICATED / PERMISSION_DENIED (HTTP 401 / 403). CLI: exit 1.
+    """

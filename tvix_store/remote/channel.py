@@ -20,13 +20,25 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   NOT_FOUND is a value (`None`) where the interface allows it; UNAVAILABLE,
   DEADLINE_EXCEEDED, a stalled stream or a connection failure → UnavailableError naming
   the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
-- No retries here: a failed call is reported; the breaker and the callers decide.
+- No retries here: a failed call is reported; the breaker and the callers decide. One
+  exception: a batch call refused with RESOURCE_EXHAUSTED (a server at its limit of
+  streaming calls, "retry later"; or grpc.aio's form of that refusal, `_busy`) is retried
+  with backoff for up to `timeout` seconds (the calls of `many` are idempotent: Stat, Read,
+  Put of content-addressed bytes).
 
 - Many calls at once (`many`): a second, asyncio channel on a loop thread of its own keeps
-  up to `window` calls in flight without a thread per call (the sync API starts a thread
-  for every client-streaming call): batch Stat, Put and Read of small objects.
+  up to `window` calls of a batch in flight without a thread per call (the sync API starts
+  a thread for every client-streaming call): batch Stat, Put and Read of small objects.
+  Several batches at once (an import's workers) share one limit, `MAX_IN_FLIGHT`, below a
+  daemon's default limit of streaming calls, so one client never fills a server alone.
 
-Counters: `timeouts` (calls failed as unavailable), and the breaker's.
+- Security (`ChannelSecurity`): TLS (`grpc+https://`: the CA file given, else the system's
+  roots; a client certificate for mutual TLS) and a bearer token sent with every call
+  (`authorization: Bearer …`). A token without TLS is only sent over loopback TCP or a unix
+  socket (gRPC's local credentials refuse anything else). Neither is ever logged.
+
+Counters: `timeouts` (calls failed as unavailable), `busy_retries` (batch calls retried after
+RESOURCE_EXHAUSTED), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
 what they receive).
 """
@@ -36,9 +48,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +68,11 @@ DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 64 << 20
 #: how often the breaker probes a remote that is down
 PROBE_INTERVAL = 1.0
+#: batch calls in flight at once per remote, all batches together: half a daemon's default
+#: limit of streaming calls (`serve.limits.DEFAULT_MAX_STREAMS`, 128)
+MAX_IN_FLIGHT = 64
+#: first wait before retrying a batch call refused with RESOURCE_EXHAUSTED (then doubling, ≤ 1 s)
+BUSY_FIRST_DELAY = 0.05
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
@@ -66,6 +86,64 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 1_000),  # also the handshake timeout of a connection attempt
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a channel protects itself: TLS (`ca`: PEM roots, None for the system's; `cert` and
+    `key`: a client certificate for mutual TLS) and a bearer token. `repr` hides the secrets."""
+
+    tls: bool = False
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        hidden = "…" if self.token else None
+        has = f"ca={self.ca is not None}, cert={self.cert is not None}"
+        return f"ChannelSecurity(tls={self.tls}, {has}, token={hidden})"
+
+
+def _system_roots() -> bytes | None:
+    """The system's CA bundle (as OpenSSL finds it), or None for gRPC's bundled roots."""
+    paths = ssl.get_default_verify_paths()
+    for f in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if f:
+            try:
+                return Path(f).read_bytes()
+            except OSError:
+                continue
+    return None
+
+
+def _busy(e: grpc.aio.AioRpcError) -> bool:
+    """A batch call the server refused as busy (RESOURCE_EXHAUSTED). grpc.aio sometimes reports
+    such a refusal of a client-streaming call as INTERNAL "Internal error from Core" instead: the
+    server ended the call before reading its request, and the failed send of the request won
+    over the server's status (seen under load in 6 of 6 runs of the busy-daemon test)."""
+    code = e.code()
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED or (
+        code is grpc.StatusCode.INTERNAL and e.details() == "Internal error from Core"
+    )
+
+
+def channel_credentials(security: ChannelSecurity | None, target: str) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel to `target`, or None for a plain (insecure) one."""
+    if security is None or (not security.tls and not security.token):
+        return None
+    if security.tls:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=security.ca if security.ca is not None else _system_roots(),
+            private_key=security.key,
+            certificate_chain=security.cert,
+        )
+    else:
+        kind = grpc.LocalConnectionType.UDS if target.startswith("unix:") else grpc.LocalConnectionType.LOCAL_TCP
+        creds = grpc.local_channel_credentials(kind)
+    if security.token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(security.token))
+    return creds
 
 
 class Watch:
@@ -145,6 +223,7 @@ class Remote:
         counters: Counters | None = None,
         *,
         fail_fast: bool = False,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValidationError(f"invalid timeout {timeout!r}: must be positive")
@@ -152,8 +231,12 @@ class Remote:
         self.name = name or target
         self.timeout = timeout
         self.counters = counters if counters is not None else Counters()
-        self.counters.declare(("timeouts",))
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.counters.declare(("timeouts", "busy_retries"))
+        self._credentials = channel_credentials(security, target)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
         self.watchdog = Watchdog(timeout)
         self.breaker: CircuitBreaker | None = None
         if fail_fast:
@@ -166,6 +249,7 @@ class Remote:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aio_channel: grpc.aio.Channel | None = None
         self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
+        self._in_flight: asyncio.Semaphore | None = None  # MAX_IN_FLIGHT, made on the loop
         self._warming = False
 
     def _probe(self) -> None:
@@ -275,7 +359,9 @@ class Remote:
             return self._loop, self._aio_channel
 
     async def _open_aio(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
 
     def many(
         self,
@@ -296,11 +382,27 @@ class Remote:
 
         async def run_all() -> None:
             sem = asyncio.Semaphore(window)
+            if self._in_flight is None:  # (only this loop's thread gets here)
+                self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+            shared = self._in_flight
+
+            async def call(i: int) -> Any:
+                delay, waited = BUSY_FIRST_DELAY, 0.0
+                while True:
+                    try:
+                        return await calls[i](channel)
+                    except grpc.aio.AioRpcError as e:
+                        if not _busy(e) or waited >= self.timeout:
+                            raise
+                    self.counters.add("busy_retries")
+                    await asyncio.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 1.0)
 
             async def one(i: int) -> None:
-                async with sem:
+                async with sem, shared:
                     try:
-                        results.put((i, await calls[i](channel)))
+                        results.put((i, await call(i)))
                     except grpc.aio.AioRpcError as e:
                         if e.code() is grpc.StatusCode.NOT_FOUND:
                             results.put((i, None))

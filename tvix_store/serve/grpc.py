@@ -8,7 +8,8 @@ PathInfo, no store path replaced), the store does the work, and exceptions becom
 in one place (`tvix_store.remote.status.map_errors`). They never see backend types, and they
 stream: a blob is read and written chunk by chunk, never held whole; a Directory Put stream is
 held in a bounded spool (`tvix_store.serve.spool`). Not a client (see `tvix_store.remote`) and
-not the daemon's process lifecycle (`tvix_store.cli.daemon`).
+not the daemon's process lifecycle (`tvix_store.cli.daemon`). TLS and bearer tokens are wired
+in `StoreServer` (`tokens`, `bind(address, tls)`) from `tvix_store.serve.grpcauth`.
 
 Stat's `include_bao` is accepted but answered with an empty `inline_bao`: outboard bao
 is not supported (PROTOCOL.md allows "empty if unsupported").
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
@@ -46,12 +47,14 @@ from tvix_store.protocol.g1 import (
     rpc_pathinfo_pb2_grpc,
 )
 from tvix_store.remote.status import map_errors
+from tvix_store.serve.grpcauth import TokenInterceptor, server_credentials
 from tvix_store.serve.limits import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_STREAMS,
     StreamGuard,
     streaming,
 )
+from tvix_store.serve.security import TlsFiles, Tokens
 from tvix_store.serve.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, DirectorySpool
 from tvix_store.store import Store
 
@@ -73,6 +76,9 @@ SERVICE_NAMES = (
     rpc_directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
     rpc_pathinfo_pb2.DESCRIPTOR.services_by_name["PathInfoService"].full_name,
 )
+
+#: the calls that write: an `rw` token is needed for them (`grpcauth`)
+WRITE_METHODS = frozenset(f"/{name}/Put" for name in SERVICE_NAMES)
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
@@ -276,7 +282,10 @@ class StoreServer:
     the real bound address. `stop(grace)` stops accepting, lets in-flight calls finish
     for up to `grace` seconds, and marks every service NOT_SERVING. Streaming calls are
     admitted and watched by a `StreamGuard` (`tvix_store.serve.limits`): `max_streams` at
-    once, each cancelled when idle for `idle_timeout` seconds.
+    once, each cancelled when idle for `idle_timeout` seconds. With `tokens`, every call but
+    health checks needs a valid bearer token, and writes an `rw` one (`grpcauth`); `bind(address,
+    tls)` serves TLS (mutual with a client CA). `interceptors` (e.g. `metrics.GrpcMetrics`) run
+    outside the token check.
     """
 
     def __init__(
@@ -287,6 +296,8 @@ class StoreServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_directory_put_count: int = DEFAULT_MAX_COUNT,
         max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
+        tokens: Tokens | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.store = store
         self.guard = StreamGuard(max_streams, idle_timeout)
@@ -294,6 +305,9 @@ class StoreServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
+            # outermost first: e.g. metrics (which then count refused calls too), then the tokens
+            interceptors=[*interceptors, *([TokenInterceptor(tokens, WRITE_METHODS)] if tokens is not None else [])]
+            or None,
         )
         # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
         writing = write_lock(store)
@@ -315,13 +329,17 @@ class StoreServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
 
-    def bind(self, address: str) -> str:
-        """Listen on `address`; the real address (ephemeral port resolved). StoreError if impossible."""
+    def bind(self, address: str, tls: TlsFiles | None = None) -> str:
+        """Listen on `address` (with TLS if given); the real address (ephemeral port resolved).
+        StoreError if impossible."""
         address, host, port = parse_listen(address)
         if host is not None and port is not None:
             _probe_bind(host, port)
         try:
-            bound = self._server.add_insecure_port(address)
+            if tls is not None:
+                bound = self._server.add_secure_port(address, server_credentials(tls))
+            else:
+                bound = self._server.add_insecure_port(address)
         except RuntimeError as e:
             raise StoreError(f"cannot listen on {address}: {e}") from None
         if host is None:

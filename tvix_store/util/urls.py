@@ -10,7 +10,7 @@ knowledge of the schemes.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 _SECRET = re.compile(r"secret|token|password|passwd|(?<!_)key$|_key$|credential", re.IGNORECASE)
 
@@ -24,14 +24,16 @@ def redact(url: str) -> str:
         u = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    netloc = u.netloc
+    netloc, query = u.netloc, u.query
     if "@" in netloc:
         userinfo, _, host = netloc.rpartition("@")
         if ":" in userinfo:
             netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = u.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(_is_secret(k) for k, _ in pairs):
             query = urlencode([(k, "***" if _is_secret(k) else v) for k, v in pairs], safe="/:*")
-    return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
+    if (netloc, query) == (u.netloc, u.query):
+        return url  # nothing secret: exactly as given (`local:///x` keeps its empty authority)
+    out = f"{u.scheme}://{netloc}{u.path}"
+    return out + (f"?{query}" if query else "") + (f"#{u.fragment}" if u.fragment else "")
