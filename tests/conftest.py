@@ -156,11 +156,13 @@ def seaweed() -> Iterator[SeaweedFS]:
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     root = Path(tempfile.mkdtemp(prefix="tvix-weed-"))
-    server = SeaweedFS(root)
     try:
-        yield server
+        server = SeaweedFS(root)  # stops its process itself if it never gets ready
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
         shutil.rmtree(root, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
@@ -175,14 +177,14 @@ def postgres() -> Iterator[PostgreSQL]:
     a clean schema asks `postgres.fresh_db()`."""
     root = Path(tempfile.mkdtemp(prefix="tvix-pg-"))
     os.chmod(root, 0o755)
-    server = PostgreSQL(root)
     try:
-        yield server
-    finally:
+        server = PostgreSQL(root)
         try:
-            server.stop()
+            yield server
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(
