@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import S3_ENV, PostgreSQL, SeaweedFS
 
 from tvix_store.compose import open_store
 from tvix_store.store import Store
@@ -145,14 +148,76 @@ def cached_over_memory() -> Store:
     )
 
 
-@pytest.fixture(params=["memory", "local", "grpc", "cached-memory", "cached-grpc"])
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedFS]:
+    """One real SeaweedFS S3 server for the session (tests/servers.py); each test uses its own
+    prefix (`seaweed.url()`). Sets the AWS_* variables obstore signs with, for this process and
+    the processes it starts."""
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    root = Path(tempfile.mkdtemp(prefix="tvix-weed-"))
+    try:
+        server = SeaweedFS(root)  # stops its process itself if it never gets ready
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgreSQL]:
+    """One throwaway PostgreSQL cluster for the session (tests/servers.py); each test that needs
+    a clean schema asks `postgres.fresh_db()`."""
+    root = Path(tempfile.mkdtemp(prefix="tvix-pg-"))
+    os.chmod(root, 0o755)
+    try:
+        server = PostgreSQL(root)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "local",
+        "grpc",
+        "cached-memory",
+        "cached-grpc",
+        "objectstore-memory",
+        "objectstore-file",
+        "objectstore-s3",
+        "postgresql",
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The backend matrix of the contract suite: memory, local, the gRPC client to a real daemon,
-    and the cache combinators over memory and over a real daemon (with a persistent cache dir)."""
+    the cache combinators over memory and over a real daemon (with a persistent cache dir), the
+    bucket layout over obstore's memory, a directory and a real SeaweedFS (path infos in memory:
+    the layout has none), and PostgreSQL for Directories and path infos (blobs in a bucket)."""
     kind = request.param
     d: Daemon | None = None
     if kind == "memory":
         s = open_store("memory://")
+    elif kind == "objectstore-memory":
+        s = open_store("objectstore+memory:///", pathinfo_url="memory://")
+    elif kind == "objectstore-file":
+        s = open_store(f"objectstore+file://{tmp_path / 'bucket'}", pathinfo_url="memory://")
+    elif kind == "objectstore-s3":
+        s = open_store(request.getfixturevalue("seaweed").url(), pathinfo_url="memory://")
+    elif kind == "postgresql":
+        pg = request.getfixturevalue("postgres").fresh_db()
+        s = open_store(blob_url="objectstore+memory:///", directory_url=pg, pathinfo_url=pg)
     elif kind == "local":
         s = open_store(f"local://{tmp_path / 'store'}")
     elif kind == "cached-memory":

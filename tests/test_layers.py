@@ -51,6 +51,9 @@ CONFINED = {
     "aiohttp": ("tvix_store.narbridge.app", "tvix_store.narbridge.server"),
     "cryptography": ("tvix_store.narbridge.signing",),
     "prometheus_client": ("tvix_store.serve.metrics",),
+    "obstore": ("tvix_store.objects.buckets",),
+    "psycopg": ("tvix_store.remote.postgres",),
+    "psycopg_pool": ("tvix_store.remote.postgres",),
 }
 
 

@@ -16,6 +16,13 @@ Schemes (`SCHEMES`; a backend registers with `register`):
                                  the same over TLS (system roots unless `ca`; `cert`/`key`: a
                                  client certificate for mutual TLS)
     grpc+unix:///abs/path.sock   the same over a unix socket
+    objectstore+s3://BUCKET[/PREFIX][?aws_endpoint_url=…&aws_allow_http=true]
+    objectstore+file:///abs/path, objectstore+memory:///, objectstore+http(s)://HOST/PREFIX
+                                 blobs and Directories in the tvix/snix bucket layout
+                                 (`objects.buckets`; http(s) read-only); no path infos
+    postgresql://USER@/DB?host=/socket/dir&port=5432, postgresql://USER:PW@HOST:PORT/DB
+                                 Directories and path infos in PostgreSQL (`remote.postgres`);
+                                 no blobs
 
 A gRPC store sends a bearer token when one is given: `token_file=FILE` (its first line), else
 `$TVIX_STORE_TOKEN`. Over plain `grpc+http` a token is sent only to a loopback address (never
@@ -42,6 +49,7 @@ from tvix_store.directoryservice import DirectoryService
 from tvix_store.pathinfoservice import PathInfoService
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
+from tvix_store.util.urls import redact
 
 if TYPE_CHECKING:
     from tvix_store.remote.channel import ChannelSecurity
@@ -102,7 +110,7 @@ def default_url() -> str:
 
 
 def _unsupported(url: str) -> ValidationError:
-    return ValidationError(f"unsupported store URL {url!r}: expected {', '.join(USAGE.values())}")
+    return ValidationError(f"unsupported store URL {redact(url)!r}: expected {', '.join(USAGE.values())}")
 
 
 def open_backend(url: str, opts: Options) -> Backend:
@@ -181,10 +189,11 @@ def public_url(url: str) -> str:
 
 
 def _describe(urls: dict[str, str]) -> str:
-    distinct = list(dict.fromkeys(public_url(u) for u in urls.values()))
+    """How the store is named in logs and messages (secret options and passwords left out or redacted)."""
+    distinct = list(dict.fromkeys(redact(public_url(u)) for u in urls.values()))
     if len(distinct) == 1:
         return distinct[0]
-    return " ".join(f"{k}={public_url(v)}" for k, v in urls.items())
+    return " ".join(f"{k}={redact(public_url(v))}" for k, v in urls.items())
 
 
 # --- the persistent cache -------------------------------------------------------------------
@@ -373,8 +382,52 @@ def _open_grpc(url: str, opts: Options) -> Backend:
     )
 
 
+def _open_bucket(url: str, opts: Options) -> Backend:
+    from tvix_store.blobservice.bucket import BucketBlobService
+    from tvix_store.directoryservice.bucket import BucketDirectoryService
+    from tvix_store.objects.buckets import open_bucket
+
+    objects = open_bucket(url, opts.timeout)
+
+    def no_pathinfos(b: BlobService, d: DirectoryService) -> PathInfoService:
+        raise ValidationError(
+            f"{objects.name} holds blobs and Directories only (the tvix/snix bucket layout has no path "
+            "infos): name a path-info store with --pathinfo-store (e.g. postgresql://…)"
+        )
+
+    return Backend(lambda: BucketBlobService(objects), lambda: BucketDirectoryService(objects), no_pathinfos)
+
+
+def _open_postgres(url: str, opts: Options) -> Backend:
+    from tvix_store.directoryservice.postgres import PostgresDirectoryService
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+    from tvix_store.remote.postgres import Database
+
+    db = Database(url, opts.timeout)
+
+    def no_blobs() -> BlobService:
+        raise ValidationError(
+            f"{db.name} holds Directories and path infos only: name a blob store with --blob-store "
+            "(e.g. objectstore+s3://…)"
+        )
+
+    return Backend(
+        no_blobs,
+        lambda: PostgresDirectoryService(db),
+        lambda b, d: PostgresPathInfoService(db, b, d),
+        db.close_if_unused,
+    )
+
+
 register("local", _open_local, "local:///path")
 register("memory", _open_memory, "memory://")
 register("grpc+http", _open_grpc, "grpc+http://HOST:PORT")
 register("grpc+https", _open_grpc, "grpc+https://HOST:PORT[?ca=FILE]")
 register("grpc+unix", _open_grpc, "grpc+unix:///path")
+register("objectstore+s3", _open_bucket, "objectstore+s3://BUCKET[/PREFIX][?OPTIONS]")
+register("objectstore+file", _open_bucket, "objectstore+file:///path")
+register("objectstore+memory", _open_bucket, "objectstore+memory:///")
+register("objectstore+http", _open_bucket, "objectstore+http://HOST/PREFIX")
+register("objectstore+https", _open_bucket, "objectstore+https://HOST/PREFIX")
+register("postgresql", _open_postgres, "postgresql://[USER@][HOST]/DB[?host=/socket/dir&port=N]")
+register("postgres", _open_postgres, "postgres://…")

@@ -32,6 +32,7 @@ from .rows_latency import rows_latency
 from .rows_mount import rows_mount
 from .rows_narbridge import rows_narbridge
 from .rows_remote import rows_remote
+from .rows_scaleout import rows_scaleout
 from .rows_storage import rows_storage
 from .runner import Bench
 from .util import CLEANUP, WARNINGS, BenchError, MiB, log, on_signal, say, sweep
@@ -44,6 +45,7 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "gc": rows_gc,
     "storage": rows_storage,
     "narbridge": rows_narbridge,
+    "scaleout": rows_scaleout,
 }
 
 

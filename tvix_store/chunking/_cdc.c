@@ -12,11 +12,16 @@
  *   (bytes of the current unfinished chunk, gear hash); cuts: list of offsets into `data`
  *   where a chunk ends (exclusive), ascending.
  * gear_table() -> tuple of the 256 gear values (for the test comparing both implementations).
+ * cut2020(data, gear, min_size, avg_size, max_size, mask_s, mask_l) -> length of the first chunk
+ *   FastCDC 2020 (normalization level 1, two bytes per step) exactly as the Rust `fastcdc`
+ *   crate's `v2020::cut` (the chunker of tvix/snix's object-store layout); `gear` is its
+ *   256-entry table as 2048 bytes of native-endian u64 (chunking/v2020.py builds it).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static uint64_t GEAR[256];
 
@@ -147,12 +152,67 @@ static PyObject *cdc_gear_table(PyObject *self, PyObject *unused) {
     return t;
 }
 
+/* v2020::cut: the byte that makes the hash match ends the chunk BEFORE it (the chunk is
+ * source[0..a]); bytes are hashed two at a time, so the odd last byte of a short tail is not. */
+static Py_ssize_t cut2020(const uint8_t *src, Py_ssize_t len, const uint64_t *gear, uint64_t min_size,
+                          uint64_t avg_size, uint64_t max_size, uint64_t mask_s, uint64_t mask_l) {
+    uint64_t remaining = (uint64_t)len;
+    if (remaining <= min_size) return (Py_ssize_t)remaining;
+    uint64_t center = avg_size;
+    if (remaining > max_size) remaining = max_size;
+    else if (remaining < center) center = remaining;
+    uint64_t mask_s_ls = mask_s << 1, mask_l_ls = mask_l << 1;
+    uint64_t index = min_size / 2, hash = 0;
+    while (index < center / 2) {
+        uint64_t a = index * 2;
+        hash = (hash << 2) + (gear[src[a]] << 1);
+        if (!(hash & mask_s_ls)) return (Py_ssize_t)a;
+        hash += gear[src[a + 1]];
+        if (!(hash & mask_s)) return (Py_ssize_t)(a + 1);
+        index++;
+    }
+    while (index < remaining / 2) {
+        uint64_t a = index * 2;
+        hash = (hash << 2) + (gear[src[a]] << 1);
+        if (!(hash & mask_l_ls)) return (Py_ssize_t)a;
+        hash += gear[src[a + 1]];
+        if (!(hash & mask_l)) return (Py_ssize_t)(a + 1);
+        index++;
+    }
+    return (Py_ssize_t)remaining;
+}
+
+static PyObject *cdc_cut2020(PyObject *self, PyObject *args) {
+    Py_buffer buf, gear;
+    unsigned long long min_size, avg_size, max_size, mask_s, mask_l;
+    if (!PyArg_ParseTuple(args, "y*y*KKKKK:cut2020", &buf, &gear, &min_size, &avg_size, &max_size, &mask_s, &mask_l))
+        return NULL;
+    if (gear.len != 256 * (Py_ssize_t)sizeof(uint64_t) || min_size < 2 || avg_size < min_size || max_size < avg_size) {
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&gear);
+        PyErr_SetString(PyExc_ValueError, "need a 2048-byte gear table and 2 <= min_size <= avg_size <= max_size");
+        return NULL;
+    }
+    uint64_t table[256];
+    memcpy(table, gear.buf, sizeof(table));
+    Py_ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = cut2020((const uint8_t *)buf.buf, buf.len, table, min_size, avg_size, max_size, mask_s, mask_l);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&gear);
+    return PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef methods[] = {
     {"scan", cdc_scan, METH_VARARGS,
      "scan(data, pos, hash, min_size, normal_size, max_size, mask_s, mask_l) -> (cuts, pos, hash)\n\n"
      "Find the content-defined cut points in `data`, continuing a chunk of `pos` bytes whose gear hash is "
      "`hash`. Returns the offsets in `data` where chunks end and the state to carry to the next buffer."},
     {"gear_table", cdc_gear_table, METH_NOARGS, "The 256 gear hash values."},
+    {"cut2020", cdc_cut2020, METH_VARARGS,
+     "cut2020(data, gear, min_size, avg_size, max_size, mask_s, mask_l) -> length of the first chunk of `data` "
+     "(FastCDC 2020, as the Rust fastcdc crate's v2020::cut)."},
     {NULL, NULL, 0, NULL},
 };
 

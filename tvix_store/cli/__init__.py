@@ -110,7 +110,9 @@ def _add_store(p: argparse.ArgumentParser, cache: bool = False, *, top: bool = F
         metavar="URL",
         help="store URL: local:///path (default: $TVIX_STORE_DIR or ~/.local/share/tvix-store), memory://, "
         "grpc+http://HOST:PORT, grpc+https://HOST:PORT[?ca=FILE&token_file=FILE], grpc+unix:///path.sock "
-        "(env TVIX_STORE_URL)",
+        "(env TVIX_STORE_URL); for one service only (the options below): objectstore+s3://BUCKET[/PREFIX][?OPTS], "
+        "objectstore+file:///path, objectstore+http(s)://HOST/PREFIX (blobs, Directories), postgresql://… "
+        "(Directories, path infos)",
     )
     for service, what in (("blob", "blobs"), ("directory", "Directories"), ("pathinfo", "path infos")):
         p.add_argument(
