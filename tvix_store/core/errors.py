@@ -67,3 +67,20 @@ class ResourceExhaustedError(StoreError):
 
     gRPC: RESOURCE_EXHAUSTED. CLI: exit 1. FUSE: ENOSPC where it applies, else EIO.
     """
+
+
+class UnrepresentableError(StoreError):
+    """The answer exists but the protocol generation asked in cannot express it (a name or
+    target that is not UTF-8, a size of 2^32 or more, for a `tvix.store.v1` (2022) peer):
+    refused instead of sent truncated or unparsable; a newer generation can carry it.
+
+    gRPC: FAILED_PRECONDITION. CLI: exit 1.
+    """
+
+
+class UnsupportedError(StoreError):
+    """The request asks for something this service does not do (a protocol generation's own
+    answer for a request it does not implement, a listing of a store that cannot list).
+
+    gRPC: UNIMPLEMENTED. CLI: exit 1.
+    """
