@@ -260,11 +260,13 @@ class PathInfoServicer:
         self,
         store: Store,
         admission: Admission,
+        guard: StreamGuard,
         writing: Writing = nullcontext,
         codec: Codec = G2,
         strict: bool = False,
     ) -> None:
         self._infos = store.pathinfos
+        self.guard = guard
         self._admission = admission
         self._writing = writing
         self._c = codec
@@ -360,7 +362,7 @@ class StoreServer:
                     store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes, writing, codec
                 )
             else:
-                servicer = PathInfoServicer(store, self.admission, writing, codec, strict)
+                servicer = PathInfoServicer(store, self.admission, self.guard, writing, codec, strict)
             add_servicer(self._server, desc, servicer)
             self.servicers.append(servicer)
         self._health = health.HealthServicer()
