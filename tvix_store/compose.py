@@ -11,7 +11,8 @@ Schemes (`SCHEMES`; a backend registers with `register`):
 
     memory://                    in-process, lost at exit
     local:///abs/path[?fsync=1]  the embedded store (`objects.packs`)
-    grpc+http://HOST:PORT        a remote tvix-store (`tvix.store.v1`)
+    grpc+http://HOST:PORT        a remote tvix-store or snix, any protocol generation (the newest
+                                 it serves, detected per channel; `?protocol=g1|g2|g3` forces one)
     grpc+unix:///abs/path.sock   the same over a unix socket
 
 This module only wires; the backends live in the service packages and the object layer.
@@ -276,7 +277,14 @@ def _open_grpc(url: str, opts: Options) -> Backend:
     from tvix_store.remote.channel import Remote
 
     u = urlparse(url)
-    _no_query(url)
+    protocol = None
+    for key, value in parse_qsl(u.query, keep_blank_values=True):
+        if key == "protocol" and value in ("g1", "g2", "g3"):
+            protocol = value
+        else:
+            raise ValidationError(
+                f"invalid store URL {url!r}: unknown option {key}={value!r} (known: protocol=g1|g2|g3)"
+            )
     if u.scheme == "grpc+http":
         try:
             port = u.port
@@ -289,7 +297,7 @@ def _open_grpc(url: str, opts: Options) -> Backend:
         if u.netloc or not u.path.startswith("/"):
             raise ValidationError(f"invalid store URL {url!r}: expected grpc+unix:///absolute/path.sock")
         target = f"unix:{u.path}"
-    remote = Remote(target, url, opts.timeout, opts.counters, fail_fast=opts.fail_fast)
+    remote = Remote(target, url, opts.timeout, opts.counters, fail_fast=opts.fail_fast, protocol=protocol)
     return Backend(
         lambda: GrpcBlobService(remote),
         lambda: GrpcDirectoryService(remote),

@@ -26,6 +26,11 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   up to `window` calls in flight without a thread per call (the sync API starts a thread
   for every client-streaming call): batch Stat, Put and Read of small objects.
 
+- The protocol generation of each service (`negotiate`, `codec`): newest first, a call
+  answered UNIMPLEMENTED is repeated one generation older, any other answer settles it for
+  the channel's life (`tvix_store.remote.generation.Negotiation`); `protocol="g1"|"g2"|"g3"`
+  forces one for every service.
+
 Counters: `timeouts` (calls failed as unavailable), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
 what they receive).
@@ -39,15 +44,19 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
+from tvix_store.core.errors import NotFoundError, StoreError, UnavailableError, UnsupportedError, ValidationError
+from tvix_store.protocol.codec import TAGS, Codec
 from tvix_store.remote.breaker import CircuitBreaker
+from tvix_store.remote.generation import Negotiation, probe_request
 from tvix_store.remote.status import error_from_status
 from tvix_store.util.counters import Counters
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 64 << 20
@@ -145,12 +154,17 @@ class Remote:
         counters: Counters | None = None,
         *,
         fail_fast: bool = False,
+        protocol: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValidationError(f"invalid timeout {timeout!r}: must be positive")
+        if protocol is not None and protocol not in TAGS:
+            raise ValidationError(f"invalid protocol {protocol!r}: expected one of {', '.join(TAGS)}")
         self.target = target
         self.name = name or target
         self.timeout = timeout
+        #: the generation of each service: forced, or negotiated by the first calls
+        self.negotiation = Negotiation(self.name, protocol)
         self.counters = counters if counters is not None else Counters()
         self.counters.declare(("timeouts",))
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -167,6 +181,54 @@ class Remote:
         self._aio_channel: grpc.aio.Channel | None = None
         self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
         self._warming = False
+
+    def negotiate(self, service: str, attempt: Callable[[Codec], T]) -> T:
+        """`attempt(codec)` in the newest generation of `service` not yet refused; repeated one
+        generation older while an unconfirmed generation answers UNIMPLEMENTED
+        (UnsupportedError). Any other outcome but UnavailableError confirms the generation."""
+        while True:
+            c, confirmed = self.negotiation.candidate(service)
+            try:
+                result = attempt(c)
+            except UnsupportedError:
+                if confirmed:
+                    raise
+                self.negotiation.refuse(service, c.tag)
+                continue
+            except UnavailableError:
+                raise
+            except StoreError:
+                self.negotiation.confirm(service, c.tag)
+                raise
+            self.negotiation.confirm(service, c.tag)
+            return result
+
+    def codec(self, service: str) -> Codec:
+        """The confirmed generation of `service`, after a probe call (an absent digest) if
+        none is confirmed yet: for calls that cannot be repeated or whose UNIMPLEMENTED means
+        something else."""
+        c, confirmed = self.negotiation.candidate(service)
+        if confirmed:
+            return c
+
+        def probe(c: Codec) -> None:
+            method, request = probe_request(service, c)
+            desc = {"blob": c.blob_service, "directory": c.directory_service, "pathinfo": c.pathinfo_service}[service]
+            m = desc.methods_by_name[method]
+            path = f"/{desc.full_name}/{method}"
+            if m.server_streaming:
+                call = self.channel.unary_stream(path, request_serializer=type(request).SerializeToString)
+                try:
+                    for _ in self.server_stream(call, request, f"{service} probe"):
+                        break
+                except NotFoundError:
+                    pass
+            else:
+                call = self.channel.unary_unary(path, request_serializer=type(request).SerializeToString)
+                self.unary(call, request, f"{service} probe")
+
+        self.negotiate(service, probe)
+        return self.negotiation.candidate(service)[0]
 
     def _probe(self) -> None:
         """Any answer of the health service (even an error status) means the remote is up."""

@@ -54,7 +54,7 @@ from tvix_store.directoryservice import GraphCheck
 from tvix_store.gc import sweep_epoch, write_lock
 from tvix_store.pathinfoservice import check_output_hash
 from tvix_store.protocol import wire
-from tvix_store.protocol.codec import Codec
+from tvix_store.protocol.codec import TAGS, Codec
 from tvix_store.protocol.generations import reflection_pool
 from tvix_store.protocol.wire import G1
 from tvix_store.protocol.wire_g2 import G2
@@ -82,14 +82,26 @@ MAX_MESSAGE_SIZE = 64 << 20
 #: How long in-flight calls may run on after a stop was requested.
 DEFAULT_GRACE = 20.0
 
-#: (service, codec, strict PathInfo rules) of every route; the shared `tvix.store.v1`
-#: PathInfoService once, with G2 messages and G1 rules (see the module docstring)
-ROUTES: tuple[tuple[Any, Codec, bool], ...] = (
-    *((c.blob_service, c, False) for c in (G1, G2, G3)),
-    *((c.directory_service, c, False) for c in (G1, G2, G3)),
-    (G2.pathinfo_service, G2, False),
-    (G3.pathinfo_service, G3, True),
-)
+
+def routes(generations: tuple[str, ...] = TAGS) -> tuple[tuple[Any, Codec, bool], ...]:
+    """(service descriptor, codec, strict PathInfo rules) of every route serving `generations`:
+    Blob and Directory services per generation; the `tvix.store.v1` PathInfoService once, with
+    G2's messages and G1's rules when G2 is served (G1's own, without List, when only G1 is),
+    and snix's with snix's rules (see the module docstring)."""
+    codecs = [c for c in (G1, G2, G3) if c.tag in generations]
+    out: list[tuple[Any, Codec, bool]] = [(c.blob_service, c, False) for c in codecs]
+    out += [(c.directory_service, c, False) for c in codecs]
+    if "g2" in generations:
+        out.append((G2.pathinfo_service, G2, False))
+    elif "g1" in generations:
+        out.append((G1.pathinfo_service, G1, False))
+    if "g3" in generations:
+        out.append((G3.pathinfo_service, G3, True))
+    return tuple(out)
+
+
+#: every route of every generation (what the daemon serves)
+ROUTES = routes()
 
 #: every service served, by full name (health answers SERVING for each, reflection lists them)
 SERVICE_NAMES = tuple(s.full_name for s, _, _ in ROUTES)
@@ -324,8 +336,9 @@ class PathInfoServicer:
 
 
 class StoreServer:
-    """A started gRPC server serving one `Store` in every protocol generation (`ROUTES`), with
-    reflection and health checking.
+    """A started gRPC server serving one `Store` in every protocol generation (`ROUTES`; only
+    some with `generations`, e.g. a server double of an older or newer peer), with reflection
+    and health checking.
 
     `bind(address)` accepts `HOST:PORT` (port 0: ephemeral) or `unix:/path` and returns
     the real bound address. `stop(grace)` stops accepting, lets in-flight calls finish
@@ -342,8 +355,11 @@ class StoreServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_directory_put_count: int = DEFAULT_MAX_COUNT,
         max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
+        generations: tuple[str, ...] = TAGS,
     ) -> None:
         self.store = store
+        self.routes = routes(generations)
+        self.service_names = tuple(s.full_name for s, _, _ in self.routes)
         self.guard = StreamGuard(max_streams, idle_timeout)
         self.admission = Admission(store, epoch=sweep_epoch(store))
         self._server = grpc.server(
@@ -353,7 +369,7 @@ class StoreServer:
         # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
         writing = write_lock(store)
         self.servicers: list[object] = []
-        for desc, codec, strict in ROUTES:
+        for desc, codec, strict in self.routes:
             servicer: object
             if desc is codec.blob_service:
                 servicer = BlobServicer(store, self.guard, writing, codec)
@@ -368,7 +384,7 @@ class StoreServer:
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._server,
             pool=reflection_pool((health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)),
         )
@@ -390,7 +406,7 @@ class StoreServer:
 
     def start(self) -> None:
         self._server.start()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *self.service_names):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
