@@ -30,7 +30,7 @@ from mountutil import MountProc, requires_fuse, wait_until
 from tvix_store.compose import open_store
 from tvix_store.core.castore import Directory, FileNode, SymlinkNode
 from tvix_store.core.digest import B3Digest
-from tvix_store.core.errors import UnsupportedError
+from tvix_store.core.errors import UnsupportedError, ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, StorePath
 from tvix_store.store import Store
 
@@ -86,7 +86,7 @@ def _negotiated(store: Store) -> dict[str, str | None]:
     return store.blobs._r.negotiation.known()  # type: ignore[attr-defined]
 
 
-def exercise(store: Store, tmp_path: Path, listing: bool) -> StorePath:
+def exercise(store: Store, tmp_path: Path, listing: bool, snix_only: bool = False) -> StorePath:
     """Every service method through the client, checked against blake3 and nix-store --dump."""
     small, big = b"#!/bin/sh\necho hi\n", random_bytes(1_500_000, seed=7)
     d_small, d_big = store.blobs.put(small), store.blobs.put(big)
@@ -115,6 +115,12 @@ def exercise(store: Store, tmp_path: Path, listing: bool) -> StorePath:
     else:
         with pytest.raises(UnsupportedError, match="cannot list path infos"):
             list(store.pathinfos.iter_all())
+    bare = PathInfo(root.as_node(StorePath.from_nar_sha256(sha, "bare").basename.encode()))
+    if snix_only:  # snix.store.v1 requires a narinfo (and no other path is there, or allowed)
+        with pytest.raises(ValidationError, match="narinfo"):
+            store.pathinfos.put(bare)
+    else:
+        assert store.pathinfos.put(bare) == bare
     return sp
 
 
@@ -130,7 +136,7 @@ def test_client_settles_on_the_generation_served(double: Double, expected: tuple
     every call works. A 2022 PathInfoService is spoken with G2's messages on the shared path
     (the same bytes); it has no List."""
     with open_store(double.url, timeout=10) as store:
-        exercise(store, tmp_path, listing=expected[0] != "g1")
+        exercise(store, tmp_path, listing=expected[0] != "g1", snix_only=expected[0] == "g3")
         assert tuple(_negotiated(store)[s] for s in ("blob", "directory", "pathinfo")) == expected
 
 
@@ -141,7 +147,7 @@ def test_client_forced_to_each_generation(generation: str, tmp_path: Path) -> No
     d = Daemon(f"local://{tmp_path / 'store'}")
     try:
         with open_store(f"{d.url}?protocol={generation}", timeout=10) as store:
-            exercise(store, tmp_path, listing=generation != "g1")
+            exercise(store, tmp_path, listing=generation != "g1", snix_only=generation == "g3")
             assert set(_negotiated(store).values()) == {generation}
         with open_store(d.url, timeout=10) as store:  # unforced: the newest, G3
             assert store.blobs.has(B3Digest(blake3.blake3(b"#!/bin/sh\necho hi\n").digest()))

@@ -193,12 +193,15 @@ def test_directory_accepts_long_and_odd_targets() -> None:
     Directory(symlinks=(SymlinkNode(b"a", b"x" * 4095), SymlinkNode(b"b", b"/abs/../x"))).validate()
 
 
-def test_directory_rejects_sizes_over_uint32() -> None:
-    with pytest.raises(ValidationError, match="uint32"):
-        Directory(files=(f(b"a", 1 << 32),)).validate()
-    Directory(files=(f(b"a", (1 << 32) - 1),)).validate()
-    with pytest.raises(ValidationError, match="uint32"):
-        Directory(directories=(DirectoryNode(b"a", D0, 1 << 32),)).validate()
+def test_directory_sizes_are_uint64() -> None:
+    """Sizes of 4 GiB and more are valid (uint64 since tvix.castore.v1); beyond uint64 they are not."""
+    Directory(files=(f(b"a", 5 << 30),)).validate()
+    Directory(directories=(DirectoryNode(b"a", D0, 1 << 32),)).validate()
+    Directory(files=(f(b"a", (1 << 64) - 1),)).validate()
+    with pytest.raises(ValidationError, match="uint64"):
+        Directory(files=(f(b"a", 1 << 64),)).validate()
+    with pytest.raises(ValidationError, match="uint64"):
+        Directory(directories=(DirectoryNode(b"a", D0, 1 << 64),)).validate()
 
 
 def test_directory_node_size_must_match_child() -> None:

@@ -47,6 +47,7 @@ from tvix_store.core.castore import (
     MAX_NAME_LEN,
     MAX_TARGET_LEN,
     MAX_U32,
+    MAX_U64,
     Directory,
     DirectoryNode,
     FileNode,
@@ -256,7 +257,7 @@ def check_directory(d: Directory) -> None:
                 assert n.target and b"\0" not in n.target and len(n.target) <= MAX_TARGET_LEN
                 n.target.decode("utf-8")
             else:
-                assert len(n.digest) == 32 and 0 <= n.size <= MAX_U32
+                assert len(n.digest) == 32 and 0 <= n.size <= MAX_U64
 
 
 # --- wire conversion ---

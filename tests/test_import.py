@@ -5,7 +5,7 @@
   memory, an in-process counting double around the store's services sees no upload
   (blob writes, Directory puts, PathInfo puts) the second time.
 - Stat before put: blobs the store already has are not uploaded.
-- Special files, non-UTF-8 names, files and NARs over 4 GiB - 1, bad store path names:
+- Special files, non-UTF-8 names, bad store path names:
   a clear error naming the path, exit 1, no traceback, no PathInfo.
 - Failures in the upload threads reach the caller; nothing is registered.
 """
@@ -293,22 +293,6 @@ def test_non_utf8_symlink_target_is_refused(tmp_path: Path) -> None:
 def _sparse(p: Path, size: int) -> None:
     with open(p, "wb") as f:
         f.truncate(size)
-
-
-def test_file_over_4gib_is_refused(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "a").write_bytes(b"a")
-    _sparse(tree / "huge", 1 << 32)  # sparse: costs no disk; refused from its size, before reading
-    p = cli("import", "--store", "memory://", str(tree), check=False, timeout=30)
-    _assert_one_line_error(p, str(tree / "huge"), "4 GiB")
-
-
-def test_nar_over_4gib_is_refused(tmp_path: Path) -> None:
-    f = tmp_path / "almost"
-    _sparse(f, (1 << 32) - 1)  # fits a FileNode, but its NAR (with framing) does not fit uint32
-    p = cli("import", "--store", "memory://", str(f), check=False, timeout=30)
-    _assert_one_line_error(p, str(f), "NAR")
 
 
 @pytest.mark.parametrize("name", ["has space", "ünï", "semi;colon"])

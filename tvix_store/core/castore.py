@@ -22,7 +22,10 @@ from tvix_store.core.errors import ValidationError
 
 MAX_NAME_LEN = 255
 MAX_TARGET_LEN = 4095
+#: the largest value a 2022 (`tvix.store.v1`) size field holds; the domain is not bound by it
 MAX_U32 = 0xFFFFFFFF
+#: the largest size (uint64 in `tvix.castore.v1` and `snix.castore.v1`)
+MAX_U64 = (1 << 64) - 1
 
 
 def _fmt(name: bytes) -> str:
@@ -59,9 +62,9 @@ def validate_target(target: bytes, name: bytes) -> None:
         raise ValidationError(f"symlink {_fmt(name)!r}: target is not valid UTF-8") from None
 
 
-def _check_u32(value: int, what: str) -> None:
-    if not 0 <= value <= MAX_U32:
-        raise ValidationError(f"{what} {value} does not fit in uint32")
+def _check_u64(value: int, what: str) -> None:
+    if not 0 <= value <= MAX_U64:
+        raise ValidationError(f"{what} {value} does not fit in uint64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,7 @@ class DirectoryNode:
 
     def validate(self) -> None:
         validate_name(self.name)
-        _check_u32(self.size, f"directory {_fmt(self.name)!r}: size")
+        _check_u64(self.size, f"directory {_fmt(self.name)!r}: size")
 
     def renamed(self, name: bytes) -> DirectoryNode:
         return DirectoryNode(name, self.digest, self.size)
@@ -91,7 +94,7 @@ class FileNode:
 
     def validate(self) -> None:
         validate_name(self.name)
-        _check_u32(self.size, f"file {_fmt(self.name)!r}: size")
+        _check_u64(self.size, f"file {_fmt(self.name)!r}: size")
 
     def renamed(self, name: bytes) -> FileNode:
         return FileNode(name, self.digest, self.size, self.executable)
@@ -236,7 +239,7 @@ class Directory:
                 if n.name in seen:
                     raise ValidationError(f"duplicate name {_fmt(n.name)!r}")
                 seen.add(n.name)
-        _check_u32(self.size, "directory size")
+        _check_u64(self.size, "directory size")
 
     def check_child_sizes(self, sizes: dict[B3Digest, int]) -> None:
         """Check each child DirectoryNode's size against the known size of its Directory."""

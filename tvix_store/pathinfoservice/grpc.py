@@ -3,6 +3,10 @@
 `Remote.codec("pathinfo")`); CalculateNAR runs on the remote (with the root's name emptied for
 2024/2025 servers, which require an anonymous root).
 
+A PathInfo without narinfo (allowed in `tvix.store.v1`, refused by `snix.store.v1`) is sent on
+the `tvix.store.v1` path even when the remote speaks snix's, where the remote has it (not with
+`?protocol=g3`, which then gets snix's refusal).
+
 `iter_all` streams List where the remote's generation has it (2024, 2025), so `path list` and a
 mount's `store/` work over gRPC; against a 2022 remote it raises UnsupportedError. The
 capability `can_list` is therefore declared (it holds for every remote but a 2022 one).
@@ -24,6 +28,7 @@ from tvix_store.core.errors import IntegrityError, NotFoundError, UnsupportedErr
 from tvix_store.core.pathinfo import PathInfo
 from tvix_store.pathinfoservice import PathInfoService, check_output_hash
 from tvix_store.protocol.codec import Codec
+from tvix_store.protocol.generations import CODECS
 from tvix_store.remote.channel import Remote
 
 _RENDER_FAILED = "failed rendering nar"
@@ -68,12 +73,22 @@ class GrpcPathInfoService(PathInfoService):
 
     def put(self, info: PathInfo) -> PathInfo:
         sp = info.validate()
+        what = f"path info Put {sp.basename}"
 
         def put(c: Codec) -> tuple[Codec, Any]:
-            what = f"path info Put {sp.basename}"
             return c, self._r.unary(self._stub(c).Put, c.pathinfo_to_proto(info), what, none_if_absent=False)
 
-        c, resp = self._r.negotiate("pathinfo", put)
+        c, _ = self._r.negotiation.candidate("pathinfo")
+        if info.narinfo is None and c.tag == "g3" and self._r.negotiation.forced is None:
+            # snix.store.v1 requires a narinfo; tvix.store.v1 (2024 and 2022) does not
+            try:
+                c, resp = put(CODECS["g2"])
+            except UnsupportedError:
+                raise ValidationError(
+                    f"remote store {self._r.name} speaks only snix.store.v1, which requires a narinfo: {what}"
+                ) from None
+        else:
+            c, resp = self._r.negotiate("pathinfo", put)
         return self._decode(c, resp)
 
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:

@@ -30,10 +30,18 @@ from google.protobuf.descriptor import ServiceDescriptor
 from tvix_store.core.castore import Directory, Node
 from tvix_store.core.chunks import ChunkMeta
 from tvix_store.core.digest import B3Digest
+from tvix_store.core.errors import ValidationError
 from tvix_store.core.pathinfo import PathInfo
 
 #: the generations, oldest first (their `Codec.tag`s)
 TAGS = ("g1", "g2", "g3")
+
+
+def digest_from_proto(raw: bytes, what: str = "digest") -> B3Digest:
+    """A BLAKE3 digest field; ValidationError naming `what` unless it is 32 bytes."""
+    if len(raw) != 32:
+        raise ValidationError(f"invalid {what}: expected 32 bytes, got {len(raw)}")
+    return B3Digest(raw)
 
 
 class Codec(ABC):

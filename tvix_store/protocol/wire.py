@@ -2,10 +2,11 @@
 become domain objects and back, and where stored protobuf bytes are decoded; `G1` is this
 generation's `Codec` (the newer generations: `wire_g2`, `wire_g3`).
 
-Stored bytes (Directories, PathInfos, nar-bridge node URLs) are this generation's encoding,
-which is byte-identical to G2/G3 for everything the domain holds today (UTF-8 names, sizes
-below 2^32). Sent to a G1 peer, a name or target that is not UTF-8 or a size of 2^32 or more
-raises UnrepresentableError (`G1`'s conversions check) instead of going out truncated.
+Stored bytes (Directories, PathInfos, nar-bridge node URLs: `*_to_bytes`, `*_from_bytes`) are
+read and written with G2's messages (bytes names, uint64 sizes), which are byte-identical to
+G1's for UTF-8 names and sizes below 2^32: what earlier versions stored reads back unchanged.
+Sent to a G1 peer, a name or target that is not UTF-8 or a size of 2^32 or more raises
+UnrepresentableError (`G1`'s conversions check) instead of going out truncated.
 
 `*_from_proto`/`*_from_bytes` functions validate what they convert and raise ValidationError
 with a message naming what is wrong (a malformed encoding too); `*_to_proto`/`*_to_bytes`
@@ -26,7 +27,7 @@ from tvix_store.core.chunks import ChunkMeta
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import UnrepresentableError, ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, Signature
-from tvix_store.protocol.codec import Codec
+from tvix_store.protocol.codec import Codec, digest_from_proto
 from tvix_store.protocol.g1 import (
     castore_pb2,
     pathinfo_pb2,
@@ -37,14 +38,11 @@ from tvix_store.protocol.g1 import (
     rpc_pathinfo_pb2,
     rpc_pathinfo_pb2_grpc,
 )
+from tvix_store.protocol.g2 import castore_pb2 as stored_castore_pb2
+from tvix_store.protocol.g2 import pathinfo_pb2 as stored_pathinfo_pb2
+from tvix_store.protocol.wire_g2 import G2
 
 MAX_U32 = 0xFFFFFFFF
-
-
-def digest_from_proto(raw: bytes, what: str = "digest") -> B3Digest:
-    if len(raw) != 32:
-        raise ValidationError(f"invalid {what}: expected 32 bytes, got {len(raw)}")
-    return B3Digest(raw)
 
 
 def _name(s: str) -> bytes:
@@ -123,7 +121,7 @@ def node_to_proto(n: Node) -> pathinfo_pb2.Node:
 def node_to_bytes(n: Node) -> bytes:
     """The deterministic encoding of a `Node` oneof message (the same bytes in every protocol
     generation: directory=1, file=2, symlink=3, the nodes' fields alike)."""
-    return node_to_proto(n).SerializeToString(deterministic=True)
+    return G2.node_to_proto(n).SerializeToString(deterministic=True)  # type: ignore[no-any-return]
 
 
 def node_from_bytes(raw: bytes) -> Node:
@@ -131,10 +129,10 @@ def node_from_bytes(raw: bytes) -> Node:
     The node's fields are converted (digest lengths) but its name is not validated (it may be
     empty, as in nar-bridge URLs)."""
     try:
-        msg = pathinfo_pb2.Node.FromString(raw)
+        msg = stored_castore_pb2.Node.FromString(raw)
     except DecodeError as e:
         raise ValidationError(f"not a Node message: {e}") from None
-    return node_from_proto(msg)
+    return G2.node_from_proto(msg)
 
 
 def pathinfo_from_proto(m: pathinfo_pb2.PathInfo) -> PathInfo:
@@ -184,24 +182,24 @@ def chunks_to_proto(chunks: Sequence[ChunkMeta]) -> rpc_blobstore_pb2.BlobMeta:
 def directory_from_bytes(raw: bytes) -> Directory:
     """Decode and validate a Directory's protobuf encoding."""
     try:
-        msg = castore_pb2.Directory.FromString(raw)
+        msg = stored_castore_pb2.Directory.FromString(raw)
     except DecodeError as e:
         raise ValidationError(f"not a Directory message: {e}") from None
-    return directory_from_proto(msg)
+    return G2.directory_from_proto(msg)
 
 
 def pathinfo_from_bytes(raw: bytes) -> PathInfo:
     """Decode and validate a PathInfo's protobuf encoding."""
     try:
-        msg = pathinfo_pb2.PathInfo.FromString(raw)
+        msg = stored_pathinfo_pb2.PathInfo.FromString(raw)
     except DecodeError as e:
         raise ValidationError(f"not a PathInfo message: {e}") from None
-    return pathinfo_from_proto(msg)
+    return G2.pathinfo_from_proto(msg)
 
 
 def pathinfo_to_bytes(info: PathInfo) -> bytes:
     """The deterministic protobuf encoding of a PathInfo."""
-    return pathinfo_to_proto(info).SerializeToString(deterministic=True)
+    return G2.pathinfo_to_proto(info).SerializeToString(deterministic=True)  # type: ignore[no-any-return]
 
 
 class Malformed:

@@ -24,7 +24,7 @@ from tvix_store.core.chunks import ChunkMeta
 from tvix_store.core.digest import B3Digest
 from tvix_store.core.errors import ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, Signature
-from tvix_store.protocol.codec import Codec
+from tvix_store.protocol.codec import Codec, digest_from_proto
 from tvix_store.protocol.g2 import (
     castore_pb2,
     pathinfo_pb2,
@@ -35,7 +35,6 @@ from tvix_store.protocol.g2 import (
     rpc_pathinfo_pb2,
     rpc_pathinfo_pb2_grpc,
 )
-from tvix_store.protocol.wire import digest_from_proto
 
 
 class CastoreV1Codec(Codec):
