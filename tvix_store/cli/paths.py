@@ -7,7 +7,7 @@
   no listing call, so against one it is an error.
 - `path info [--json] STORE_PATH`: root node, NAR size and hash, references, signatures.
 - `path rm STORE_PATH…`: removes the PathInfos only (all named paths must exist, else nothing
-  is removed); their data goes with the next `gc`. no protocol generation has a delete call, so over
+  is removed); their data goes with the next `gc`. No protocol generation has a delete call, so over
   gRPC it is an error.
 
 Only argument handling and output; the store does the work.
