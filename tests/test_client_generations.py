@@ -22,15 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
+import grpc
 import pytest
 from conftest import Daemon, cli
 from fixtures import materialize, nix_nar_hash, random_bytes
 from mountutil import MountProc, requires_fuse, wait_until
 
 from tvix_store.compose import open_store
-from tvix_store.core.castore import Directory, FileNode, SymlinkNode
+from tvix_store.core.castore import Directory, DirectoryNode, FileNode, SymlinkNode
 from tvix_store.core.digest import B3Digest
-from tvix_store.core.errors import UnsupportedError, ValidationError
+from tvix_store.core.errors import PreconditionError, UnsupportedError, ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, StorePath
 from tvix_store.store import Store
 
@@ -196,6 +197,7 @@ def test_mount_of_a_g3_only_server(double: Double, tmp_path: Path) -> None:
     data = random_bytes(700_000, seed=3)
     (tree / "sub" / "big").write_bytes(data)
     (tree / "hello").write_bytes(b"hello\n")
+    Path(os.fsdecode(os.fsencode(tree) + b"/caf\xe9")).write_bytes(b"latin-1 name\n")  # not UTF-8
     sp = cli("import", "--store", double.url, str(tree)).stdout.decode().strip()
     basename = sp.rsplit("/", 1)[1]
     mnt = tmp_path / "mnt"
@@ -205,7 +207,39 @@ def test_mount_of_a_g3_only_server(double: Double, tmp_path: Path) -> None:
         store_dir = mnt / "store"
         wait_until(lambda: os.listdir(store_dir) == [basename], 30, "store/ to list the imported path")
         assert (store_dir / basename / "hello").read_bytes() == b"hello\n"
+        assert sorted(os.listdir(os.fsencode(store_dir / basename))) == [b"caf\xe9", b"hello", b"sub"]
+        assert Path(os.fsdecode(os.fsencode(store_dir / basename) + b"/caf\xe9")).read_bytes() == b"latin-1 name\n"
         got = (store_dir / basename / "sub" / "big").read_bytes()
         assert blake3.blake3(got).digest() == blake3.blake3(data).digest()
     finally:
         m.cleanup()
+
+
+def test_names_that_are_not_utf8_over_the_generations(tmp_path: Path) -> None:
+    """A name that is not UTF-8 travels as bytes in G2 and G3; a G1 peer is refused it
+    (FAILED_PRECONDITION, naming the reason), on the server's G1 path and in our client forced
+    to G1, instead of getting bytes it cannot parse."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    Path(os.fsdecode(os.fsencode(tree) + b"/caf\xe9")).write_bytes(b"x")
+    d = Daemon(f"local://{tmp_path / 'store'}")
+    try:
+        sp = cli("import", "--store", d.url, str(tree)).stdout.decode().strip()
+        with open_store(d.url, timeout=10) as store:
+            info = store.pathinfos.get(StorePath.parse_basename(sp.rsplit("/", 1)[1].encode()).digest)
+            assert info is not None and isinstance(info.node, DirectoryNode)
+            root = info.node.digest
+        for generation in ("g2", "g3"):
+            with open_store(f"{d.url}?protocol={generation}", timeout=10) as store:
+                got = store.directories.get(root)
+                assert got is not None and [f.name for f in got.files] == [b"caf\xe9"]
+        with open_store(f"{d.url}?protocol=g1", timeout=10) as store:
+            with pytest.raises(PreconditionError, match="is not UTF-8: tvix.store.v1 \\(2022\\) cannot carry it"):
+                store.directories.get(root)
+        with grpc.insecure_channel(d.address) as ch:  # the same request as bytes, no generated code
+            get1 = ch.unary_stream("/tvix.store.v1.DirectoryService/Get")
+            with pytest.raises(grpc.RpcError) as e:
+                list(get1(b"\x0a\x20" + bytes(root), timeout=10))
+            assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        assert d.stop() == 0

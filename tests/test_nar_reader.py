@@ -434,7 +434,6 @@ def test_entry_order_and_duplicates() -> None:
         (b"a/b", "'/' or NUL"),
         (b"/", "'/' or NUL"),
         (b"a\0b", "'/' or NUL"),
-        (b"\xff\xfe", "UTF-8"),
     ],
 )
 def test_invalid_names(name: bytes, needle: str) -> None:
@@ -453,7 +452,7 @@ def test_name_lengths() -> None:
 
 @pytest.mark.parametrize(
     ("target", "needle"),
-    [(b"", "empty target"), (b"a\0b", "NUL"), (b"\xc3\x28", "UTF-8"), (b"x" * 4096, "longer than the limit of 4095")],
+    [(b"", "empty target"), (b"a\0b", "NUL"), (b"x" * 4096, "longer than the limit of 4095")],
 )
 def test_invalid_symlink_targets(target: bytes, needle: str) -> None:
     reject(MAGIC + sym(target), needle)

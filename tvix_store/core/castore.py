@@ -6,9 +6,11 @@ Directory's digest (BLAKE3 of its deterministic protobuf encoding, written out b
 hand here so the domain does not depend on the generated protobuf modules; a test
 checks it against the protobuf library's encoding).
 
-It is not the wire format (`tvix_store.protocol.wire` converts) and does no I/O.
-Names and symlink targets are `bytes` as the filesystem gives them; on the wire they
-are protobuf strings, so they must be valid UTF-8 (checked by `validate_name`).
+It is not the wire format (`tvix_store.protocol.wire*` convert) and does no I/O.
+Names and symlink targets are `bytes` as the filesystem gives them, any bytes but the few
+the rules exclude (as in `tvix.castore.v1` and `snix.castore.v1`, where they are protobuf
+bytes); sizes are uint64. The 2022 protocol's strings and uint32 sizes are its codec's
+concern (`wire.G1` refuses what it cannot carry).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _fmt(name: bytes) -> str:
 
 
 def validate_name(name: bytes, what: str = "name") -> None:
-    """Check an entry name: not empty, not . or .., no / or NUL, ≤ 255 bytes, UTF-8."""
+    """Check an entry name: not empty, not . or .., no / or NUL, ≤ 255 bytes (any other bytes)."""
     if not name:
         raise ValidationError(f"invalid {what}: empty")
     if name in (b".", b".."):
@@ -42,24 +44,16 @@ def validate_name(name: bytes, what: str = "name") -> None:
         raise ValidationError(f"invalid {what} {_fmt(name)!r}: contains '/' or NUL")
     if len(name) > MAX_NAME_LEN:
         raise ValidationError(f"invalid {what} {_fmt(name[:32])!r}…: longer than {MAX_NAME_LEN} bytes")
-    try:
-        name.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValidationError(f"invalid {what} {_fmt(name)!r}: not valid UTF-8") from None
 
 
 def validate_target(target: bytes, name: bytes) -> None:
-    """Check a symlink target: not empty, no NUL, ≤ 4095 bytes, UTF-8."""
+    """Check a symlink target: not empty, no NUL, ≤ 4095 bytes (any other bytes)."""
     if not target:
         raise ValidationError(f"symlink {_fmt(name)!r}: empty target")
     if b"\0" in target:
         raise ValidationError(f"symlink {_fmt(name)!r}: target contains NUL")
     if len(target) > MAX_TARGET_LEN:
         raise ValidationError(f"symlink {_fmt(name)!r}: target longer than {MAX_TARGET_LEN} bytes")
-    try:
-        target.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValidationError(f"symlink {_fmt(name)!r}: target is not valid UTF-8") from None
 
 
 def _check_u64(value: int, what: str) -> None:

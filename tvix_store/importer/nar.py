@@ -21,8 +21,9 @@ Strict: accepted is exactly what `nix-store --dump` writes, i.e. PROTOCOL.md's g
 with every string a little-endian u64 length, the bytes and zero padding to 8. Rejected
 with `ValidationError`, naming what is wrong and the byte offset: another magic or token,
 non-zero padding, entries not strictly ascending bytewise by name (duplicates included),
-names that are not valid castore names (empty, `.`, `..`, `/` or NUL, over 255 bytes, not
-UTF-8), symlink targets that are not valid (empty, NUL, over 4095 bytes, not UTF-8),
+names that are not valid castore names (empty, `.`, `..`, `/` or NUL, over 255 bytes; any
+other bytes, UTF-8 or not, are names), symlink targets that are not valid (empty, NUL, over
+4095 bytes),
 anything after the root node, and a stream that ends early. No length prefix makes it
 allocate more than the limit of what it announces (tokens 64 bytes, names 255, targets 4095,
 file contents stream). Sizes are uint64 (`tvix.castore.v1`, `snix.castore.v1`): files and

@@ -8,10 +8,10 @@ read also feeds the NAR hash); otherwise read again for the NAR hash only.
 
 Nix's rules are followed, not improved on: a file is executable iff its owner `x` bit is set
 (`S_IXUSR`, as `nix-store --dump`), symlinks are stored, never followed (also at the root).
-Refused, with a message naming the path: sockets, FIFOs and devices; names and symlink
-targets that are not UTF-8 (they are protobuf strings on the 2022 wire). Sizes are uint64 (as
-in `tvix.castore.v1` and `snix.castore.v1`): files and NARs of 4 GiB and more import, streamed
-like any big file, never held in memory.
+Refused, with a message naming the path: sockets, FIFOs and devices. Names and symlink
+targets are bytes, UTF-8 or not, and sizes uint64 (as in `tvix.castore.v1` and
+`snix.castore.v1`): files and NARs of 4 GiB and more import, streamed like any big file, never
+held in memory (a 2022 `tvix.store.v1` peer is refused what it cannot carry, by its codec).
 Directories are walked with an explicit stack and one directory fd, each opened relative to
 the one before: depth is bounded neither by the recursion limit nor by PATH_MAX.
 """
