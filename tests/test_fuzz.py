@@ -55,7 +55,7 @@ from tvix_store.core.castore import (
     SymlinkNode,
 )
 from tvix_store.core.digest import B3Digest
-from tvix_store.core.errors import ValidationError
+from tvix_store.core.errors import UnrepresentableError, ValidationError
 from tvix_store.core.pathinfo import NarInfo, PathInfo, Signature, StorePath
 from tvix_store.directoryservice import validate_graph
 from tvix_store.directoryservice.memory import MemoryDirectoryService
@@ -63,6 +63,8 @@ from tvix_store.importer import nar as nar_reader
 from tvix_store.importer.nar import read_nar
 from tvix_store.protocol import wire
 from tvix_store.protocol.g1 import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvix_store.protocol.wire_g2 import G2
+from tvix_store.protocol.wire_g3 import G3
 
 # --- profiles ---
 
@@ -298,7 +300,25 @@ def _accepts_directory(raw: bytes) -> None:
     assert d.encoded == fresh.encoded  # the protobuf library's canonical bytes = the hand encoder's
     assert d.digest == blake3.blake3(d.encoded).digest()
     assert wire.directory_from_bytes(d.encoded) == d
-    assert wire.directory_to_proto(d).SerializeToString(deterministic=True) == d.encoded
+    for c in (G2, G3):
+        assert c.directory_to_proto(d).SerializeToString(deterministic=True) == d.encoded
+    try:
+        g1 = wire.directory_to_proto(d)
+    except UnrepresentableError:  # a name or target that is not UTF-8, a size ≥ 4 GiB: not for G1
+        assert any(_beyond_g1(n) for n in d.nodes())
+    else:
+        assert g1.SerializeToString(deterministic=True) == d.encoded
+
+
+def _beyond_g1(n: Node) -> bool:
+    """Whether the 2022 protocol cannot carry a node (stated independently of the codec)."""
+    texts = [n.name, n.target] if isinstance(n, SymlinkNode) else [n.name]
+    try:
+        for x in texts:
+            x.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return not isinstance(n, SymlinkNode) and n.size >= 1 << 32
 
 
 @scaled(300)

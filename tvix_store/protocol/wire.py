@@ -91,7 +91,9 @@ def _snode(n: SymlinkNode) -> castore_pb2.SymlinkNode:
 
 
 def directory_to_proto(d: Directory) -> castore_pb2.Directory:
-    """The message of a Directory: its canonical encoding parsed by the protobuf library (C speed)."""
+    """The message of a Directory: its canonical encoding parsed by the protobuf library (C speed).
+    UnrepresentableError for a Directory G1 cannot carry (`check_g1_directory`)."""
+    check_g1_directory(d)
     return castore_pb2.Directory.FromString(d.encoded)
 
 
@@ -111,6 +113,8 @@ def node_from_proto(m: pathinfo_pb2.Node) -> Node:
 
 
 def node_to_proto(n: Node) -> pathinfo_pb2.Node:
+    """The `Node` message; UnrepresentableError for a node G1 cannot carry (`check_g1_node`)."""
+    check_g1_node(n)
     if isinstance(n, DirectoryNode):
         return pathinfo_pb2.Node(directory=_dnode(n))
     if isinstance(n, FileNode):
@@ -154,7 +158,10 @@ def pathinfo_from_proto(m: pathinfo_pb2.PathInfo) -> PathInfo:
 
 
 def pathinfo_to_proto(p: PathInfo) -> pathinfo_pb2.PathInfo:
+    """The PathInfo message; UnrepresentableError for what G1 cannot carry."""
     assert p.node is not None
+    if p.narinfo is not None:
+        _g1_size(p.narinfo.nar_size, "NAR size")
     m = pathinfo_pb2.PathInfo(node=node_to_proto(p.node), references=list(p.references))
     if p.narinfo is not None:
         ni = p.narinfo
@@ -304,24 +311,18 @@ class G1Codec(Codec):
         return directory_from_proto(msg)
 
     def directory_to_proto(self, d: Directory) -> castore_pb2.Directory:
-        check_g1_directory(d)
         return directory_to_proto(d)
 
     def node_from_proto(self, msg: pathinfo_pb2.Node) -> Node:
         return node_from_proto(msg)
 
     def node_to_proto(self, n: Node) -> pathinfo_pb2.Node:
-        check_g1_node(n)
         return node_to_proto(n)
 
     def pathinfo_from_proto(self, msg: pathinfo_pb2.PathInfo) -> PathInfo:
         return pathinfo_from_proto(msg)
 
     def pathinfo_to_proto(self, p: PathInfo) -> pathinfo_pb2.PathInfo:
-        if p.node is not None:
-            check_g1_node(p.node)
-        if p.narinfo is not None:
-            _g1_size(p.narinfo.nar_size, "NAR size")
         return pathinfo_to_proto(p)
 
     def has_root(self, msg: pathinfo_pb2.PathInfo) -> bool:
