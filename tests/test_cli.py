@@ -46,10 +46,11 @@ def test_malformed_digest_is_usage_error_naming_it(bad: str) -> None:
 
 
 def test_unsupported_store_url() -> None:
+    # a usage error (CLI.md: exit 2)
     p = cli("blob", "stat", "--store", "ftp://example.org/x", EMPTY_HEX, check=False)
-    one_line_error(p, 1, "ftp://example.org/x", "unsupported store URL")
+    one_line_error(p, 2, "ftp://example.org/x", "unsupported store URL")
     p = cli("blob", "stat", "--store", "local://relative/path", EMPTY_HEX, check=False)
-    one_line_error(p, 1, "local://relative/path")
+    one_line_error(p, 2, "local://relative/path")
 
 
 def test_unreachable_remote_fails_without_waiting_for_the_deadline() -> None:
@@ -183,7 +184,7 @@ def test_every_subcommand_has_help() -> None:
 
 def test_tvix_store_url_is_honoured(tmp_path: Path) -> None:
     p = cli("blob", "stat", EMPTY_HEX, env={"TVIX_STORE_URL": "bogus://from-env"}, check=False)
-    one_line_error(p, 1, "bogus://from-env")
+    one_line_error(p, 2, "bogus://from-env")  # a bad URL is a usage error, from wherever
     # --store wins over the environment
     p = cli("blob", "stat", "--store", "memory://", EMPTY_HEX, env={"TVIX_STORE_URL": "bogus://x"}, check=False)
     one_line_error(p, 1, "not found")

@@ -73,7 +73,7 @@ def test_cache_dir_needs_a_remote_service(tmp_path: Path) -> None:
         open_store(f"local://{tmp_path / 's'}", cache_dir=tmp_path / "c")
     (tmp_path / "mnt").mkdir()
     p = cli("mount", "--store", "memory://", "--cache-dir", str(tmp_path / "c"), str(tmp_path / "mnt"), check=False)
-    one_line_error(p, 1, "only applies to a remote store")
+    one_line_error(p, 2, "only applies to a remote store")  # misuse: a usage error
     assert not (tmp_path / "c").exists()  # refused before anything was created
 
 

@@ -109,22 +109,24 @@ def busy_port() -> Iterator[int]:
 
 
 @pytest.mark.parametrize(
-    ("listen", "word"),
+    ("listen", "word", "code"),
     [
-        ("nonsense", "invalid listen address"),
-        ("127.0.0.1:99999", "invalid listen address"),
-        ("127.0.0.1:", "invalid listen address"),
-        ("unix:/nonexistent-dir/x.sock", "does not exist"),
-        ("no-such-host.invalid:8000", "cannot listen"),
-        ("BUSY", "in use"),
+        # malformed: a usage error (CLI.md: exit 2)
+        ("nonsense", "invalid listen address", 2),
+        ("127.0.0.1:99999", "invalid listen address", 2),
+        ("127.0.0.1:", "invalid listen address", 2),
+        # well-formed but not usable here: an operational error (exit 1)
+        ("unix:/nonexistent-dir/x.sock", "does not exist", 1),
+        ("no-such-host.invalid:8000", "cannot listen", 1),
+        ("BUSY", "in use", 1),
     ],
 )
-def test_bad_address_one_line_exit_1(listen: str, word: str, busy_port: int) -> None:
+def test_bad_address_one_line(listen: str, word: str, code: int, busy_port: int) -> None:
     if listen == "BUSY":
         listen = f"127.0.0.1:{busy_port}"
     p = cli("daemon", "--listen", listen, "--store", "memory://", check=False, timeout=30)
     err = p.stderr.decode()
-    assert p.returncode == 1, err
+    assert p.returncode == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("tvix-store: error:") and word in lines[0].lower(), err

@@ -375,3 +375,24 @@ def test_g1_refuses_what_it_cannot_carry() -> None:
         G1.pathinfo_to_proto(info)
     assert G2.pathinfo_to_proto(info).narinfo.nar_size == 5 << 30
     assert status_for(UnrepresentableError("x"))[0] is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_every_generations_writes_need_a_write_token() -> None:
+    """The token check (`serve.grpcauth`) treats the Put of every generation as a write: a
+    read-only token must not upload through a newer generation's path."""
+    from tvix_store.serve.grpc import WRITE_METHODS
+
+    expected = {
+        f"/{p}.{s}/Put"
+        for p, s in [
+            ("tvix.store.v1", "BlobService"),
+            ("tvix.store.v1", "DirectoryService"),
+            ("tvix.store.v1", "PathInfoService"),
+            ("tvix.castore.v1", "BlobService"),
+            ("tvix.castore.v1", "DirectoryService"),
+            ("snix.castore.v1", "BlobService"),
+            ("snix.castore.v1", "DirectoryService"),
+            ("snix.store.v1", "PathInfoService"),
+        ]
+    }
+    assert set(WRITE_METHODS) == expected

@@ -88,6 +88,37 @@ def test_200_stalled_streams_do_not_starve_other_clients(tmp_path: Path) -> None
     assert not any("Traceback" in line for line in d.log), "".join(d.log)
 
 
+def test_an_import_into_a_busy_daemon_backs_off_and_completes(tmp_path: Path) -> None:
+    """A daemon at its limit of streaming calls answers RESOURCE_EXHAUSTED ("retry later"): an
+    import of many small files (batches of Puts in flight from several threads) into a daemon
+    with `--max-streams 12`, while another client holds 8 of them, backs off, retries and
+    completes, and the NAR is `nix-store --dump`'s. (Before: the import failed with "server
+    busy" whenever its batches together exceeded the limit, as 4 x 64 exceed the default 128.)"""
+    src = tmp_path / "many"
+    for d in range(6):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(100):
+            (src / f"d{d}" / f"f{i:03}").write_bytes(os.urandom(200 + i))
+    d = Daemon(f"local://{tmp_path / 'store'}", extra=("--max-streams", "12", "--idle-timeout", "30"))
+    release = threading.Event()
+    ch = grpc.insecure_channel(d.address)
+    try:
+
+        def held() -> Iterator[rb.BlobChunk]:
+            yield rb.BlobChunk(data=b"held")
+            release.wait(60)
+
+        stub = rbg.BlobServiceStub(ch)
+        holders = [stub.Put.future(held(), timeout=60) for _ in range(8)]
+        path = cli("import", "--store", d.url, str(src)).stdout.decode().strip()
+        assert not any(h.done() for h in holders)  # the 8 were held all along
+        assert cli("nar", "--store", d.url, path).stdout == nix_dump(src)
+    finally:
+        release.set()
+        ch.close()
+        assert d.stop() == 0
+
+
 def test_undecodable_requests_are_invalid_argument_with_bounded_logs_and_sigterm_still_works(tmp_path: Path) -> None:
     """Garbage where a message should be: INVALID_ARGUMENT naming the message type, no
     traceback, at most a few log lines a minute however many arrive; a Put stream made of a

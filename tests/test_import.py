@@ -420,5 +420,6 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout == quiet.stdout
     text = out.decode(errors="replace")
-    assert "\r" in text and "files" in text and "MiB" in text
+    # a tqdm bar: the total (the tree's size) known, so a percentage and a rate
+    assert "\r" in text and "import tree" in text and "%|" in text and "B/s" in text, text
     assert "\n" not in text.replace("\r\n", "")  # one line, rewritten in place

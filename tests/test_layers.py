@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tvix_store.pathinfoservice",),
     ("tvix_store.store",),
     ("tvix_store.verify", "tvix_store.compose", "tvix_store.admission", "tvix_store.gc"),
-    ("tvix_store.importer", "tvix_store.serve"),
+    ("tvix_store.importer", "tvix_store.serve", "tvix_store.copy"),
     ("tvix_store.narbridge",),
     ("tvix_fuse",),
     ("tvix_store.cli",),
@@ -50,6 +50,7 @@ CONFINED = {
     "google.protobuf": ("tvix_store.protocol",),
     "aiohttp": ("tvix_store.narbridge.app", "tvix_store.narbridge.server"),
     "cryptography": ("tvix_store.narbridge.signing",),
+    "prometheus_client": ("tvix_store.serve.metrics",),
 }
 
 

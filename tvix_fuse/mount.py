@@ -13,10 +13,12 @@ line (background mode, argument handling: `tvix_store.cli.mount`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -55,18 +57,64 @@ def fuse_options(*, allow_other: bool = False) -> set[str]:
 def check_mountpoint(mountpoint: str | os.PathLike[str]) -> str:
     """The absolute mountpoint, or StoreError if it is missing, not a directory, not empty or a mount."""
     mp = os.path.abspath(mountpoint)
-    if not os.path.lexists(mp):
-        raise StoreError(f"mountpoint {mp} does not exist")
+    try:
+        os.lstat(mp)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise StoreError(f"mountpoint {mp} does not exist") from None
+        _clear_stale(mp)
     if not os.path.isdir(mp):
         raise StoreError(f"mountpoint {mp} is not a directory")
     if os.path.ismount(mp):
-        raise StoreError(f"mountpoint {mp} is already a mount point")
+        try:
+            os.statvfs(mp)  # always a request to the filesystem (attributes may be cached)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise StoreError(f"mountpoint {mp}: {e.strerror}") from None
+            _clear_stale(mp)
+        else:
+            raise StoreError(f"mountpoint {mp} is already a mount point")
     try:
         if os.listdir(mp):
             raise StoreError(f"mountpoint {mp} is not empty")
     except OSError as e:
         raise StoreError(f"mountpoint {mp}: {e.strerror}") from None
     return mp
+
+
+def _clear_stale(mp: str) -> None:
+    """`mp` answers ENOTCONN: a FUSE mount whose process is gone. One of ours (filesystem
+    type `fuse.tvix-store` in mountinfo) is lazily unmounted, with a log line; any other is
+    an error that says how to clear it."""
+    fstype = _mount_type(mp)
+    if fstype != "fuse.tvix-store":
+        raise StoreError(
+            f"mountpoint {mp} is a stale mount ({fstype or 'unknown type'}) whose process is gone: "
+            f"clear it with `fusermount3 -u -z {mp}` (or `umount -l {mp}`)"
+        )
+    p = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    if p.returncode != 0:
+        msg = p.stderr.decode(errors="replace").strip().splitlines()
+        raise StoreError(
+            f"mountpoint {mp} is the stale mount of a tvix-store that is gone, and clearing it failed"
+            f" ({msg[-1] if msg else p.returncode}): run `fusermount3 -u -z {mp}`"
+        )
+    log.warning("cleared the stale mount at %s (its tvix-store process is gone)", mp)
+
+
+def _mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted at `mountpoint` (the last mount there), from mountinfo."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and fields[4].encode().decode("unicode_escape") == mountpoint and right:
+                    found = right.split()[0]
+    except OSError:
+        return None
+    return found
 
 
 def check_fuse() -> None:
@@ -122,8 +170,12 @@ def run_foreground(
     on_ready: Callable[[], None] | None = None,
     timeout: float = 10.0,
     xattrs: bool = True,
+    on_counters: Callable[[Callable[[], dict[str, int]]], None] | None = None,
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or SIGINT/SIGTERM (main thread only).
+
+    `on_counters(snapshot)` is given the function that reads every counter of the mount (the
+    store's and the mount's own; thread-safe), e.g. for a metrics endpoint.
 
     `on_ready()` is called once, on the trio loop, when a stat of the mount root has been
     answered; it must not block. `timeout` is the remote's deadline: no request waits longer
@@ -134,6 +186,8 @@ def run_foreground(
     check_fuse()
     model = FsModel(store, store_root=store_root, deadline=timeout + 1.0)
     ops = Operations(model, xattrs=xattrs)
+    if on_counters is not None:
+        on_counters(model.all_counters)
     stop = _Stop()
     saved = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -165,7 +219,7 @@ async def _serve(model: FsModel, mp: str, on_ready: Callable[[], None] | None, s
         if stop.requested:
             return
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, model)
+            nursery.start_soon(_watch_signals, signals, model, mp)
             nursery.start_soon(_announce_ready, mp, on_ready, read_ahead_kb_for(model.store))
             model.start_background(nursery)
             await pyfuse3.main()
@@ -173,13 +227,13 @@ async def _serve(model: FsModel, mp: str, on_ready: Callable[[], None] | None, s
             nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(signals: AsyncIterator[int], model: FsModel) -> None:
+async def _watch_signals(signals: AsyncIterator[int], model: FsModel, mp: str) -> None:
     async for signum in signals:
         if signum == signal.SIGUSR1:
             counters = model.all_counters()
-            log.info("counters: %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+            log.info("counters of %s: %s", mp, " ".join(f"{k}={v}" for k, v in sorted(counters.items())))
             continue
-        log.info("%s: unmounting", signal.Signals(signum).name)
+        log.info("%s: unmounting %s", signal.Signals(signum).name, mp)
         pyfuse3.terminate()
 
 

@@ -13,7 +13,15 @@ Schemes (`SCHEMES`; a backend registers with `register`):
     local:///abs/path[?fsync=1]  the embedded store (`objects.packs`)
     grpc+http://HOST:PORT        a remote tvix-store or snix, any protocol generation (the newest
                                  it serves, detected per channel; `?protocol=g1|g2|g3` forces one)
+    grpc+https://HOST:PORT[?ca=FILE][&cert=FILE&key=FILE][&token_file=FILE]
+                                 the same over TLS (system roots unless `ca`; `cert`/`key`: a
+                                 client certificate for mutual TLS)
     grpc+unix:///abs/path.sock   the same over a unix socket
+
+A gRPC store sends a bearer token when one is given: `token_file=FILE` (its first line), else
+`$TVIX_STORE_TOKEN`. Over plain `grpc+http` a token is sent only to a loopback address (never
+in clear over a network). URLs are shown everywhere (logs, errors, `Store.url`) by `public_url`,
+without the query options that name secrets.
 
 This module only wires; the backends live in the service packages and the object layer.
 """
@@ -26,7 +34,8 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlparse
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 from tvix_store.blobservice import BlobService
 from tvix_store.core.errors import ValidationError
@@ -34,6 +43,9 @@ from tvix_store.directoryservice import DirectoryService
 from tvix_store.pathinfoservice import PathInfoService
 from tvix_store.store import Store
 from tvix_store.util.counters import Counters
+
+if TYPE_CHECKING:
+    from tvix_store.remote.channel import ChannelSecurity
 
 log = logging.getLogger("tvix_store")
 
@@ -156,11 +168,24 @@ def open_store(
         raise
 
 
+#: query options of a store URL that name secrets: never shown
+SECRET_OPTIONS = frozenset({"token_file", "token", "key"})
+
+
+def public_url(url: str) -> str:
+    """`url` as it may be logged: without the query options that name secrets."""
+    u = urlparse(url)
+    if not u.query:
+        return url
+    kept = [(k, v) for k, v in parse_qsl(u.query, keep_blank_values=True) if k not in SECRET_OPTIONS]
+    return urlunparse(u._replace(query=urlencode(kept, safe="/")))
+
+
 def _describe(urls: dict[str, str]) -> str:
-    distinct = list(dict.fromkeys(urls.values()))
+    distinct = list(dict.fromkeys(public_url(u) for u in urls.values()))
     if len(distinct) == 1:
         return distinct[0]
-    return " ".join(f"{k}={v}" for k, v in urls.items())
+    return " ".join(f"{k}={public_url(v)}" for k, v in urls.items())
 
 
 # --- the persistent cache -------------------------------------------------------------------
@@ -270,34 +295,95 @@ def _open_local(url: str, opts: Options) -> Backend:
     )
 
 
+def _read_option_file(url: str, key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValidationError(f"invalid store URL {public_url(url)!r}: {key}={path}: {e.strerror or e}") from None
+
+
+def _grpc_security(url: str, secure: bool, loopback: bool) -> ChannelSecurity:
+    """The `ChannelSecurity` a gRPC store URL asks for (its query and `$TVIX_STORE_TOKEN`)."""
+    from tvix_store.remote.channel import ChannelSecurity
+
+    known = ("ca", "cert", "key", "token_file", "protocol") if secure else ("token_file", "protocol")
+    opts: dict[str, str] = {}
+    for key, value in parse_qsl(urlparse(url).query, keep_blank_values=True):
+        if key == "protocol":
+            continue  # `_grpc_protocol`
+        if key not in known or not value:
+            raise ValidationError(
+                f"invalid store URL {public_url(url)!r}: unknown option {key!r} (known: {', '.join(known)})"
+            )
+        opts[key] = value
+    if ("cert" in opts) != ("key" in opts):
+        raise ValidationError(f"invalid store URL {public_url(url)!r}: cert and key go together")
+    token: str | None = None
+    if "token_file" in opts:
+        lines = _read_option_file(url, "token_file", opts["token_file"]).decode("utf-8", "replace").split()
+        if not lines:
+            raise ValidationError(f"invalid store URL {public_url(url)!r}: token_file {opts['token_file']} is empty")
+        token = lines[0]
+        if not secure and not loopback:
+            raise ValidationError(
+                f"invalid store URL {public_url(url)!r}: a token is only sent over TLS to a network address "
+                f"(use grpc+https://)"
+            )
+    elif env := os.environ.get("TVIX_STORE_TOKEN", "").strip():
+        if secure or loopback:
+            token = env
+        else:
+            log.warning("not sending $TVIX_STORE_TOKEN in clear to %s (use grpc+https://)", public_url(url))
+    return ChannelSecurity(
+        tls=secure,
+        ca=_read_option_file(url, "ca", opts["ca"]) if "ca" in opts else None,
+        cert=_read_option_file(url, "cert", opts["cert"]) if "cert" in opts else None,
+        key=_read_option_file(url, "key", opts["key"]) if "key" in opts else None,
+        token=token,
+    )
+
+
+def _grpc_protocol(url: str) -> str | None:
+    """The protocol generation a gRPC store URL forces (`?protocol=g1|g2|g3`), or None."""
+    protocol = None
+    for key, value in parse_qsl(urlparse(url).query, keep_blank_values=True):
+        if key == "protocol":
+            if value not in ("g1", "g2", "g3"):
+                raise ValidationError(
+                    f"invalid store URL {public_url(url)!r}: protocol={value!r} (known: protocol=g1|g2|g3)"
+                )
+            protocol = value
+    return protocol
+
+
 def _open_grpc(url: str, opts: Options) -> Backend:
     from tvix_store.blobservice.grpc import GrpcBlobService
     from tvix_store.directoryservice.grpc import GrpcDirectoryService
     from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
     from tvix_store.remote.channel import Remote
+    from tvix_store.util.net import is_loopback
 
     u = urlparse(url)
-    protocol = None
-    for key, value in parse_qsl(u.query, keep_blank_values=True):
-        if key == "protocol" and value in ("g1", "g2", "g3"):
-            protocol = value
-        else:
-            raise ValidationError(
-                f"invalid store URL {url!r}: unknown option {key}={value!r} (known: protocol=g1|g2|g3)"
-            )
-    if u.scheme == "grpc+http":
+    shown = public_url(url)
+    protocol = _grpc_protocol(url)
+    if u.scheme in ("grpc+http", "grpc+https"):
         try:
             port = u.port
         except ValueError:
             port = None
         if not u.hostname or not port or u.path not in ("", "/"):
-            raise ValidationError(f"invalid store URL {url!r}: expected grpc+http://HOST:PORT")
+            raise ValidationError(f"invalid store URL {shown!r}: expected {u.scheme}://HOST:PORT")
         target = f"{u.hostname}:{port}" if ":" not in u.hostname else f"[{u.hostname}]:{port}"
+        loopback = is_loopback(u.hostname)
     else:
         if u.netloc or not u.path.startswith("/"):
-            raise ValidationError(f"invalid store URL {url!r}: expected grpc+unix:///absolute/path.sock")
+            raise ValidationError(f"invalid store URL {shown!r}: expected grpc+unix:///absolute/path.sock")
         target = f"unix:{u.path}"
-    remote = Remote(target, url, opts.timeout, opts.counters, fail_fast=opts.fail_fast, protocol=protocol)
+        loopback = True
+    security = _grpc_security(url, u.scheme == "grpc+https", loopback)
+    remote = Remote(
+        target, shown, opts.timeout, opts.counters, fail_fast=opts.fail_fast, security=security, protocol=protocol
+    )
     return Backend(
         lambda: GrpcBlobService(remote),
         lambda: GrpcDirectoryService(remote),
@@ -309,4 +395,5 @@ def _open_grpc(url: str, opts: Options) -> Backend:
 register("local", _open_local, "local:///path")
 register("memory", _open_memory, "memory://")
 register("grpc+http", _open_grpc, "grpc+http://HOST:PORT")
+register("grpc+https", _open_grpc, "grpc+https://HOST:PORT[?ca=FILE]")
 register("grpc+unix", _open_grpc, "grpc+unix:///path")

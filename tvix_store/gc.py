@@ -50,6 +50,7 @@ from tvix_store.core.errors import StoreError, ValidationError
 from tvix_store.objects import ObjectStore
 from tvix_store.protocol import wire
 from tvix_store.store import Store
+from tvix_store.util.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -471,10 +472,12 @@ def collect(
     roots: Iterable[Node] = (),
     dry_run: bool = False,
     clock: Callable[[], float] = time.time,
+    progress: Progress | None = None,
 ) -> GcReport:
     """Delete what no root reaches (module docstring) and reclaim the space; returns what
     was done. `dry_run`: compute the same, delete nothing, take no lock. GcError (nothing
-    more deleted) when the reachable graph cannot be read."""
+    more deleted) when the reachable graph cannot be read. `progress`: the phase, and the
+    objects deleted of those doomed (for a display)."""
     if grace < 0:
         raise ValidationError("the grace period cannot be negative")
     started = time.monotonic()
@@ -484,7 +487,11 @@ def collect(
     cutoff = t0 - grace - CLOCK_SLACK
 
     # 1. mark, without the lock
+    if progress is not None:
+        progress.phase("listing")
     kinds1, infos1, _ = _list(objects, rep)
+    if progress is not None:
+        progress.phase("marking")
     m = _Marker(objects)
     m.present = kinds1
     for name in infos1:
@@ -502,6 +509,8 @@ def collect(
 
     # 2. sweep, holding the lock (writers wait): what is new since the mark is a root
     lock = None if dry_run else lock_of(objects)
+    if progress is not None:
+        progress.phase("waiting for writers" if lock is not None else "marking again")
     with lock.exclusive() if lock is not None else nullcontext():
         locked = time.monotonic()
         kinds2, infos2, foreign = _list(objects, None)
@@ -525,6 +534,8 @@ def collect(
         doomed["directories"] = [d for d in order if d in in_order]  # ⊆ the first candidates
         if lock is not None and any(doomed.values()):
             lock.bump()  # before the first delete: every "closure complete" cached before is void
+        if progress is not None:
+            progress.phase("counting" if dry_run else "deleting", sum(len(v) for v in doomed.values()))
         for kind in SWEPT:
             st = rep.kinds[kind]
             for d in doomed[kind]:
@@ -532,6 +543,8 @@ def collect(
                 if dry_run or objects.delete(f"{kind}/{d.hex()}"):
                     st.deleted += 1
                     st.deleted_bytes += size
+                if progress is not None:
+                    progress.add()
             gone = set(doomed[kind])
             for d, (size, _) in kinds2[kind].items():
                 if d not in gone:
@@ -541,6 +554,8 @@ def collect(
 
     # 3. give the space back (safe with concurrent readers and writers)
     if not dry_run:
+        if progress is not None:
+            progress.rename("reclaiming space")
         rep.reclaimed = objects.reclaim()
     rep.seconds = time.monotonic() - started
     if rep.missing:

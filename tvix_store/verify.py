@@ -41,6 +41,7 @@ from tvix_store.core.pathinfo import HASH_LEN
 from tvix_store.objects import ObjectStore
 from tvix_store.protocol import wire
 from tvix_store.store import Store
+from tvix_store.util.progress import Progress
 
 #: the kinds checked here (other kinds of the object layer belong to others: nar-bridge records)
 CHECKED = ("chunks", "blobs", "directories", "pathinfos")
@@ -147,17 +148,30 @@ class _Sizes:
         return size
 
 
-def verify_objects(objects: ObjectStore, full: bool = True, complete: bool = True) -> VerifyReport:
+def verify_objects(
+    objects: ObjectStore, full: bool = True, complete: bool = True, progress: Progress | None = None
+) -> VerifyReport:
     """Check every visible object (see the module docstring). `complete` False: a cache, which
     holds parts of closures, so a missing chunk, child Directory, blob or root is not a problem
-    (a present one must still be right)."""
+    (a present one must still be right). `progress` (for a display): the bytes of chunks
+    re-hashed of all there are, then the phase of the remaining checks."""
     rep = VerifyReport()
     sizes = _Sizes(objects)
+    if progress is not None:
+        progress.phase("checking names")
     _check_names(objects, rep)
-    _check_chunks(objects, rep, sizes)
+    if progress is not None:
+        progress.phase("re-hashing chunks", sum(o.size for o in objects.list("chunks/")))
+    _check_chunks(objects, rep, sizes, progress)
+    if progress is not None:
+        progress.rename("checking blobs")
     _check_blobs(objects, rep, sizes, full, complete)
+    if progress is not None:
+        progress.rename("checking directories")
     parsed = _check_directories(objects, rep, sizes)
     _check_directory_references(objects, rep, sizes, parsed, complete)
+    if progress is not None:
+        progress.rename("checking path infos")
     _check_pathinfos(objects, rep, sizes, complete)
     return rep
 
@@ -175,8 +189,10 @@ def _check_names(objects: ObjectStore, rep: VerifyReport) -> None:
                 rep.add(f"object {o.key}: not named by a digest")
 
 
-def _check_chunks(objects: ObjectStore, rep: VerifyReport, sizes: _Sizes) -> None:
+def _check_chunks(objects: ObjectStore, rep: VerifyReport, sizes: _Sizes, progress: Progress | None = None) -> None:
     for o in objects.list("chunks/"):
+        if progress is not None:
+            progress.add(o.size)
         d = _digest(_name(o.key))
         if d is None:
             continue

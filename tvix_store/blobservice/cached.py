@@ -29,7 +29,8 @@ Policy (docs/cache.md):
   misses fail fast (the remote's breaker); hits keep working.
 
 Counters: `chunks_fetched`, `bytes_fetched`, `cache_hits`, `cache_misses`, `prefetch_hits`,
-`prefetch_started`, `prefetch_dropped`, `single_flight_joins`, `verify_failures`,
+`prefetch_started`, `prefetch_dropped`, `prefetch_skipped` (the remote was down),
+`prefetch_failed`, `single_flight_joins`, `verify_failures`,
 `cache_corrupt`, `in_flight`, `meta_hits`, `meta_fetched`; and two gauges that say when the
 background work is done: `prefetch_pending` (prefetches queued or running), `write_pending`
 (fetched chunks not yet written to `near`).
@@ -71,6 +72,8 @@ COUNTER_NAMES = (
     "prefetch_hits",
     "prefetch_started",
     "prefetch_dropped",
+    "prefetch_skipped",
+    "prefetch_failed",
     "single_flight_joins",
     "verify_failures",
     "cache_corrupt",
@@ -394,6 +397,7 @@ class CachedBlobService(BlobService):
             return
         if self._closed or not self.far.available():
             err = UnavailableError("prefetch skipped: the remote is down")
+            self.counters.add("prefetch_skipped", len(todo))
             for d, fl in todo.items():
                 self._flights.finish(d, fl, error=err)
             return
@@ -408,6 +412,7 @@ class CachedBlobService(BlobService):
                     data = self._accept(d, res)
                 except StoreError as e:  # the reader that wants it will see the error itself
                     log.debug("prefetch of chunk %s failed: %s", d.hex(), e)
+                    self.counters.add("prefetch_failed")
                     self._flights.finish(d, fl, error=e)
                     continue
                 self._flights.finish(d, fl, data)
@@ -415,6 +420,7 @@ class CachedBlobService(BlobService):
                     self._keep_ready(d, data)
         except Exception as e:  # the remote went away mid-batch: the rest fails with it
             log.debug("prefetch batch failed: %s", e)
+            self.counters.add("prefetch_failed", len(todo))
             for d, fl in todo.items():
                 self._flights.finish(d, fl, error=e)
         finally:

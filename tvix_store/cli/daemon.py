@@ -5,8 +5,9 @@ log one `listening on ADDR` line with the real bound address (after the mount is
 when `--mount` is given; with `--nar-bridge` the line names its URL too, and the bridge shares
 the store and the gRPC server's Admission), wait, then stop accepting, let in-flight calls finish (up to
 a grace period), close the store and return 0. A bad or busy address raises StoreError
-(one error line, exit 1, from `tvix_store.cli`). This module is process wiring only:
-the servicers live in `tvix_store.serve.grpc`, the mount in `tvix_fuse.mount`.
+(one error line, exit 1, from `tvix_store.cli`). `--metrics-listen` serves Prometheus metrics
+(`tvix_store.serve.metrics`) from before the store opens until after the server stopped.
+This module is process wiring only: the servicers live in `tvix_store.serve.grpc`, the mount in `tvix_fuse.mount`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from tvix_store.core.errors import StoreError
+from tvix_store.util import sdnotify
+
+if TYPE_CHECKING:
+    from tvix_store.serve.metrics import MetricsServer
+    from tvix_store.serve.security import TlsFiles, Tokens
 
 log = logging.getLogger("tvix_store.cli.daemon")
 
@@ -26,12 +33,27 @@ GRACE_SECONDS = 20.0
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvix_store.cli import server_security
+    from tvix_store.cli.narbridge import start_metrics
+
+    tls, tokens = server_security(args, [args.listen, *([args.nar_bridge] if args.nar_bridge else [])])
+    metrics = start_metrics(args)
+    try:
+        return _run(args, tls, tokens, metrics)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, metrics: MetricsServer | None) -> int:
     from tvix_store.cli import open_store_from_args
     from tvix_store.serve.grpc import StoreServer
 
     # handlers first: a signal arriving right after the ready line must already stop us cleanly
     stop = _install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
+    if metrics is not None:
+        metrics.add_store(store.counters.snapshot)
     try:
         server = StoreServer(
             store,
@@ -39,24 +61,44 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_directory_put_count=args.max_directory_put_count,
             max_directory_put_bytes=args.max_directory_put_bytes,
+            tokens=tokens,
+            interceptors=[metrics.grpc] if metrics is not None else (),
         )
-        address = server.bind(args.listen)
+        address = server.bind(args.listen, tls)
         server.start()
         bridge = None
         try:
             note = ""
+            if tls is not None:
+                note += "; TLS" + (" with client certificates" if tls.client_ca else "")
+            if tokens is not None:
+                note += f"; {len(tokens.entries)} tokens"
+            elif args.insecure:
+                note += "; insecure: no authentication"
+            if metrics is not None:
+                note += f"; metrics on {metrics.url}"
             if args.nar_bridge:
                 from tvix_store.cli.narbridge import bridge_from_args
 
-                bridge = bridge_from_args(args, store, args.nar_bridge, admission=server.admission)
-                note = f"; nar-bridge on {bridge.url}"
+                bridge = bridge_from_args(
+                    args,
+                    store,
+                    args.nar_bridge,
+                    admission=server.admission,
+                    tls=tls,
+                    tokens=tokens,
+                    metrics=metrics.http if metrics is not None else None,
+                )
+                note += f"; nar-bridge on {bridge.url}"
             if args.mount:
                 if not stop.is_set():
                     _serve_with_mount(store, address, args.mount, args.timeout, note)
             else:
                 log.info("listening on %s (store %s%s)", address, store.url or args.store, note)
+                sdnotify.ready(f"listening on {address}{note}")
                 while not stop.wait(1.0):
                     pass
+            sdnotify.stopping()
             log.info("shutting down: finishing in-flight calls (up to %g s)", GRACE_SECONDS)
         finally:
             stopping = None
@@ -81,6 +123,7 @@ def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: flo
 
     def ready() -> None:
         log.info("listening on %s (mounted at %s%s)", address, mountpoint, note)
+        sdnotify.ready(f"listening on {address}, mounted at {mountpoint}{note}")
 
     run_foreground(store, mountpoint, on_ready=ready, timeout=timeout)  # type: ignore[arg-type]
 

@@ -12,7 +12,8 @@
   line each; then the store is verified again, and the exit status says whether it is whole.
 
 Both need the store's object layer (`local://`, the embedded store): a remote store is
-collected and verified where it runs. Only argument handling and output here.
+collected and verified where it runs. Both draw a progress bar on a terminal
+(`tvix_store.cli.progress`). Only argument handling and output here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import sys
 from contextlib import nullcontext
 
 from tvix_store.cli import UsageError, open_store_from_args
+from tvix_store.cli.progress import bar
 from tvix_store.core.castore import Node
 from tvix_store.core.errors import StoreError, ValidationError
 from tvix_store.core.pathinfo import StorePath
+from tvix_store.util.progress import Progress
 
 
 def _size(n: int) -> str:
@@ -68,7 +71,9 @@ def gc(args: argparse.Namespace) -> int:
             if info is None or info.node is None or info.node.name.decode("ascii", "replace") != sp.basename:
                 raise StoreError(f"--keep: store path {sp} not found (nothing deleted)")
             roots.append(info.node)
-        rep = collect(objects, grace=args.grace, roots=roots, dry_run=args.dry_run)
+        progress = Progress("objects")
+        with bar("gc", progress):
+            rep = collect(objects, grace=args.grace, roots=roots, dry_run=args.dry_run, progress=progress)
     verb = "would delete" if rep.dry_run else "deleted"
     out = [f"gc of {store.url}: store paths {rep.pathinfos}, grace {_duration(args.grace)}"]
     for kind, st in rep.kinds.items():
@@ -97,7 +102,9 @@ def verify(args: argparse.Namespace) -> int:
                 f"verify needs a store whose blobs, Directories and path infos are in one embedded store "
                 f"(local:///…), not {store.url}: verify a remote store where it runs"
             )
-        rep = verify_objects(objects)
+        progress = Progress("B")
+        with bar("verify", progress):
+            rep = verify_objects(objects, progress=progress)
         for line in rep.problems:
             print(line, flush=True)
         counts = f"{rep.chunks} chunks, {rep.blobs} blobs, {rep.directories} directories, {rep.pathinfos} path infos"

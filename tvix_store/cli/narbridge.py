@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING
 
 from tvix_store.cli import UsageError
 from tvix_store.core.errors import ValidationError
+from tvix_store.util import sdnotify
 
 if TYPE_CHECKING:
     from tvix_store.admission import Admission
     from tvix_store.narbridge.server import BridgeServer
+    from tvix_store.serve.metrics import HttpMetrics, MetricsServer
+    from tvix_store.serve.security import TlsFiles, Tokens
     from tvix_store.store import Store
 
 log = logging.getLogger("tvix_store.cli.narbridge")
@@ -31,9 +34,16 @@ GRACE_SECONDS = 20.0
 
 
 def bridge_from_args(
-    args: argparse.Namespace, store: Store, listen: str, admission: Admission | None = None
+    args: argparse.Namespace,
+    store: Store,
+    listen: str,
+    admission: Admission | None = None,
+    tls: TlsFiles | None = None,
+    tokens: Tokens | None = None,
+    metrics: HttpMetrics | None = None,
 ) -> BridgeServer:
-    """A bound and started bridge over `store` (keys, priority and timeouts from `args`)."""
+    """A bound and started bridge over `store` (keys, priority, timeouts and `--public-reads`
+    from `args`; TLS and tokens as `tvix_store.cli.server_security` checked them)."""
     from tvix_store.narbridge.app import Bridge
     from tvix_store.narbridge.server import BridgeServer
     from tvix_store.narbridge.signing import SigningKey
@@ -47,10 +57,18 @@ def bridge_from_args(
     try:
         server = BridgeServer(
             Bridge(
-                store, keys=tuple(keys), priority=args.priority, admission=admission, idle_timeout=args.idle_timeout
+                store,
+                keys=tuple(keys),
+                priority=args.priority,
+                admission=admission,
+                idle_timeout=args.idle_timeout,
+                tokens=tokens,
+                public_reads=args.public_reads,
+                metrics=metrics,
             ),
             listen,
             grace=GRACE_SECONDS,
+            ssl_context=tls.ssl_context() if tls is not None else None,
         )
     except ValidationError as e:
         raise UsageError(str(e)) from None
@@ -59,17 +77,55 @@ def bridge_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvix_store.cli import server_security
+
+    tls, tokens = server_security(args, [args.listen])
+    metrics = start_metrics(args)
+    try:
+        return _run(args, tls, tokens, metrics)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def start_metrics(args: argparse.Namespace) -> MetricsServer | None:
+    """The Prometheus endpoint of `--metrics-listen`, started; None without it (UsageError if malformed)."""
+    if not args.metrics_listen:
+        return None
+    from tvix_store.serve.metrics import MetricsServer
+
+    metrics = MetricsServer()
+    try:
+        metrics.start(args.metrics_listen)
+    except ValidationError as e:
+        raise UsageError(str(e)) from None
+    return metrics
+
+
+def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, metrics: MetricsServer | None) -> int:
     from tvix_store.cli import open_store_from_args
 
     stop = install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
+    if metrics is not None:
+        metrics.add_store(store.counters.snapshot)
     try:
-        server = bridge_from_args(args, store, args.listen)
+        server = bridge_from_args(
+            args, store, args.listen, tls=tls, tokens=tokens, metrics=metrics.http if metrics is not None else None
+        )
         try:
             keys = ", ".join(k.name for k in server.bridge.keys) or "none"
-            log.info("nar-bridge listening on %s (store %s, signing keys: %s)", server.url, store.url, keys)
+            if tokens is not None:
+                access = f"{len(tokens.entries)} tokens" + ("; public reads" if args.public_reads else "")
+            else:
+                access = "no authentication"
+            if metrics is not None:
+                access += f"; metrics on {metrics.url}"
+            log.info("nar-bridge listening on %s (store %s, signing keys: %s, %s)", server.url, store.url, keys, access)
+            sdnotify.ready(f"nar-bridge listening on {server.url}")
             while not stop.wait(1.0):
                 pass
+            sdnotify.stopping()
         finally:
             stop_gracefully(server)
     finally:

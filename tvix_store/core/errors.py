@@ -84,3 +84,10 @@ class UnsupportedError(StoreError):
 
     gRPC: UNIMPLEMENTED. CLI: exit 1.
     """
+
+
+class AccessDeniedError(StoreError):
+    """A remote refused the call: no valid credentials, or a read-only token asked to write.
+
+    gRPC: UNAUTHENTICATED / PERMISSION_DENIED (HTTP 401 / 403). CLI: exit 1.
+    """

@@ -28,8 +28,11 @@ READ_SIZE = 1 << 20
 BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
 
-#: Called with (phase, files, bytes) as the import goes; phase is "hashing" or "uploading".
+#: Called with (phase, files, bytes) as the import goes; phase is "hashing" or "uploading"
+#: during the walk (files and bytes of the tree so far), then SMALL_PHASE (small files uploaded
+#: after the walk, counted apart).
 Progress = Callable[[str, int, int], None]
+SMALL_PHASE = "uploading small files"
 
 
 def show(p: bytes) -> str:
@@ -171,4 +174,4 @@ class Uploader:
     def report(self) -> None:
         if self.progress is not None:
             with self.lock:
-                self.progress("uploading", self.uploaded_files, self.uploaded_bytes)
+                self.progress(SMALL_PHASE, self.uploaded_files, self.uploaded_bytes)

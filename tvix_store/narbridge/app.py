@@ -22,7 +22,16 @@ the answer is one line of text, logged as one line (at most `LOG_PER_MINUTE` a m
 traceback unless debugging). Timeouts: a request body or a response that makes no progress
 for `idle_timeout` seconds is abandoned (nothing is indexed or published from it).
 
-Not here: the listening socket and signals (`server`), the formats (`narinfo`), the index
+Metrics (`_metered`, outermost, with `metrics`): every request by route pattern, method and
+status, its duration and body bytes (`tvix_store.serve.metrics.HttpMetrics`).
+
+Access (`_access`, before anything but metrics): with `tokens` (`--auth-tokens`), every request needs
+`Authorization: Bearer TOKEN` (or HTTP Basic with the token as password, what Nix sends from a
+netrc file): missing or unknown is 401 (with a `WWW-Authenticate` challenge), an upload (`PUT`)
+with a read-only token 403; with `public_reads`, GET and HEAD need no token. Tokens are checked
+in constant time (`tvix_store.serve.security`) and never logged.
+
+Not here: the listening socket, TLS and signals (`server`), the formats (`narinfo`), the index
 storage (`index`).
 """
 
@@ -33,10 +42,11 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -61,7 +71,11 @@ from tvix_store.narbridge.ingest import BodyPipe, UploadAborted, ingest
 from tvix_store.narbridge.listing import listing
 from tvix_store.narbridge.signing import SigningKey
 from tvix_store.remote.status import RateLimitedLog
+from tvix_store.serve.security import Scope, Tokens, bearer_of
 from tvix_store.store import Store
+
+if TYPE_CHECKING:
+    from tvix_store.serve.metrics import HttpMetrics
 
 log = logging.getLogger("tvix_store.narbridge")
 
@@ -188,8 +202,14 @@ class Bridge:
         max_narinfo: int = MAX_NARINFO,
         threads: int = THREADS,
         max_uploads: int = MAX_UPLOADS,
+        tokens: Tokens | None = None,
+        public_reads: bool = False,
+        metrics: HttpMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
+        self.tokens = tokens
+        self.public_reads = public_reads
         self.keys = keys
         self.priority = priority
         self.admission = admission or Admission(store)
@@ -219,7 +239,10 @@ class Bridge:
             raise HttpError(408, f"{what}: no progress for {self.idle_timeout:g} s") from None
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=self.max_narinfo)
+        middlewares = [self._errors] if self.tokens is None else [self._access, self._errors]
+        if self.metrics is not None:
+            middlewares.insert(0, self._metered)
+        app = web.Application(middlewares=middlewares, client_max_size=self.max_narinfo)
         r = app.router
         r.add_get("/", self.root)
         r.add_get("/nix-cache-info", self.cache_info)
@@ -229,6 +252,57 @@ class Bridge:
         r.add_get("/{name}", self.get_narinfo)
         r.add_put("/{name}", self.put_narinfo)
         return app
+
+    @web.middleware
+    async def _metered(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every request reported to `metrics` (only installed with it): route pattern, method,
+        status (499: the client went away), duration, body bytes both ways."""
+        assert self.metrics is not None
+        start = time.perf_counter()
+        status, sent = 500, 0
+        try:
+            resp = await handler(request)
+            status = resp.status
+            body = getattr(resp, "body", None)
+            sent = len(body) if isinstance(body, bytes) else resp.body_length
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except (asyncio.CancelledError, ConnectionError):
+            status = 499
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            received = getattr(request.content, "total_bytes", 0)
+            self.metrics.observe(route, request.method, status, time.perf_counter() - start, received, sent)
+
+    @web.middleware
+    async def _access(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The token check of the module docstring (only installed with `tokens`)."""
+        assert self.tokens is not None
+        reading = request.method in ("GET", "HEAD")
+        if reading and self.public_reads:
+            return await handler(request)
+        scope = self.tokens.scope_of(bearer_of(request.headers.get("Authorization")))
+        status, msg = 0, ""
+        if scope is None:
+            status, msg = 401, "a valid token is required"
+        elif not reading and scope is not Scope.WRITE:
+            status, msg = 403, "this token may only read (scope ro)"
+        if status:
+            _refused.warning("%s %s: %d %s", request.method, request.path[:160], status, msg)
+            headers = {"WWW-Authenticate": 'Basic realm="nar-bridge"'} if status == 401 else {}
+            resp = web.Response(status=status, text=msg + "\n", headers=headers)
+            if request.can_read_body:
+                resp.force_close()  # the body of a refused upload is not read: the connection ends
+            return resp
+        return await handler(request)
 
     @web.middleware
     async def _errors(

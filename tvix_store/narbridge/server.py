@@ -10,7 +10,7 @@ object serves `tvix-store nar-bridge` (the main thread waits for a signal) and
 Server settings (aiohttp): no access log (refusals are logged by `app`), request bodies are
 never decompressed by the server (`Content-Encoding` is refused in `app`), header lines and
 fields bounded by aiohttp's defaults (8 KiB), idle keep-alive connections closed after
-`KEEPALIVE` seconds.
+`KEEPALIVE` seconds. With an `ssl_context` (from `--tls-cert`/`--tls-key`) it serves HTTPS.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 
@@ -55,8 +56,16 @@ def parse_listen(address: str) -> tuple[str, int] | str:
 class BridgeServer:
     """See the module docstring."""
 
-    def __init__(self, bridge: Bridge, listen: str = DEFAULT_LISTEN, *, grace: float = 20.0) -> None:
+    def __init__(
+        self,
+        bridge: Bridge,
+        listen: str = DEFAULT_LISTEN,
+        *,
+        grace: float = 20.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.bridge = bridge
+        self.ssl_context = ssl_context
         self.target = parse_listen(listen)
         self.listen = listen
         self.grace = grace
@@ -121,7 +130,9 @@ class BridgeServer:
                 _unlink_stale_socket(self.target)
                 site = web.UnixSite(runner, self.target)
             else:
-                site = web.TCPSite(runner, self.target[0], self.target[1], reuse_address=True)
+                site = web.TCPSite(
+                    runner, self.target[0], self.target[1], reuse_address=True, ssl_context=self.ssl_context
+                )
             try:
                 await site.start()
             except OSError as e:
@@ -130,7 +141,8 @@ class BridgeServer:
                 self.url = f"unix:{self.target}"
             else:
                 host, port = runner.addresses[0][:2]
-                self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+                scheme = "https" if self.ssl_context is not None else "http"
+                self.url = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
             self._ready.set()
             await self._stop.wait()
             log.info("nar-bridge: stopping, finishing in-flight requests (up to %g s)", self.grace)

@@ -20,18 +20,29 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   NOT_FOUND is a value (`None`) where the interface allows it; UNAVAILABLE,
   DEADLINE_EXCEEDED, a stalled stream or a connection failure → UnavailableError naming
   the remote; INVALID_ARGUMENT → ValidationError; anything else → StoreError.
-- No retries here: a failed call is reported; the breaker and the callers decide.
+- No retries here: a failed call is reported; the breaker and the callers decide. One
+  exception: a batch call refused with RESOURCE_EXHAUSTED (a server at its limit of
+  streaming calls, "retry later") is retried with backoff for up to `timeout` seconds (the
+  calls of `many` are idempotent: Stat, Read, Put of content-addressed bytes).
 
 - Many calls at once (`many`): a second, asyncio channel on a loop thread of its own keeps
-  up to `window` calls in flight without a thread per call (the sync API starts a thread
-  for every client-streaming call): batch Stat, Put and Read of small objects.
+  up to `window` calls of a batch in flight without a thread per call (the sync API starts
+  a thread for every client-streaming call): batch Stat, Put and Read of small objects.
+  Several batches at once (an import's workers) share one limit, `MAX_IN_FLIGHT`, below a
+  daemon's default limit of streaming calls, so one client never fills a server alone.
 
 - The protocol generation of each service (`negotiate`, `codec`): newest first, a call
   answered UNIMPLEMENTED is repeated one generation older, any other answer settles it for
   the channel's life (`tvix_store.remote.generation.Negotiation`); `protocol="g1"|"g2"|"g3"`
   forces one for every service.
 
-Counters: `timeouts` (calls failed as unavailable), and the breaker's.
+- Security (`ChannelSecurity`): TLS (`grpc+https://`: the CA file given, else the system's
+  roots; a client certificate for mutual TLS) and a bearer token sent with every call
+  (`authorization: Bearer …`). A token without TLS is only sent over loopback TCP or a unix
+  socket (gRPC's local credentials refuse anything else). Neither is ever logged.
+
+Counters: `timeouts` (calls failed as unavailable), `busy_retries` (batch calls retried after
+RESOURCE_EXHAUSTED), and the breaker's.
 Not here: message types (the backends build requests), verification (the backends check
 what they receive).
 """
@@ -41,9 +52,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -62,6 +76,11 @@ DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 64 << 20
 #: how often the breaker probes a remote that is down
 PROBE_INTERVAL = 1.0
+#: batch calls in flight at once per remote, all batches together: half a daemon's default
+#: limit of streaming calls (`serve.limits.DEFAULT_MAX_STREAMS`, 128)
+MAX_IN_FLIGHT = 64
+#: first wait before retrying a batch call refused with RESOURCE_EXHAUSTED (then doubling, ≤ 1 s)
+BUSY_FIRST_DELAY = 0.05
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
@@ -75,6 +94,53 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 1_000),  # also the handshake timeout of a connection attempt
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a channel protects itself: TLS (`ca`: PEM roots, None for the system's; `cert` and
+    `key`: a client certificate for mutual TLS) and a bearer token. `repr` hides the secrets."""
+
+    tls: bool = False
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        hidden = "…" if self.token else None
+        has = f"ca={self.ca is not None}, cert={self.cert is not None}"
+        return f"ChannelSecurity(tls={self.tls}, {has}, token={hidden})"
+
+
+def _system_roots() -> bytes | None:
+    """The system's CA bundle (as OpenSSL finds it), or None for gRPC's bundled roots."""
+    paths = ssl.get_default_verify_paths()
+    for f in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if f:
+            try:
+                return Path(f).read_bytes()
+            except OSError:
+                continue
+    return None
+
+
+def channel_credentials(security: ChannelSecurity | None, target: str) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel to `target`, or None for a plain (insecure) one."""
+    if security is None or (not security.tls and not security.token):
+        return None
+    if security.tls:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=security.ca if security.ca is not None else _system_roots(),
+            private_key=security.key,
+            certificate_chain=security.cert,
+        )
+    else:
+        kind = grpc.LocalConnectionType.UDS if target.startswith("unix:") else grpc.LocalConnectionType.LOCAL_TCP
+        creds = grpc.local_channel_credentials(kind)
+    if security.token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(security.token))
+    return creds
 
 
 class Watch:
@@ -154,6 +220,7 @@ class Remote:
         counters: Counters | None = None,
         *,
         fail_fast: bool = False,
+        security: ChannelSecurity | None = None,
         protocol: str | None = None,
     ) -> None:
         if timeout <= 0:
@@ -166,8 +233,12 @@ class Remote:
         #: the generation of each service: forced, or negotiated by the first calls
         self.negotiation = Negotiation(self.name, protocol)
         self.counters = counters if counters is not None else Counters()
-        self.counters.declare(("timeouts",))
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.counters.declare(("timeouts", "busy_retries"))
+        self._credentials = channel_credentials(security, target)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
         self.watchdog = Watchdog(timeout)
         self.breaker: CircuitBreaker | None = None
         if fail_fast:
@@ -180,6 +251,7 @@ class Remote:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aio_channel: grpc.aio.Channel | None = None
         self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
+        self._in_flight: asyncio.Semaphore | None = None  # MAX_IN_FLIGHT, made on the loop
         self._warming = False
 
     def negotiate(self, service: str, attempt: Callable[[Codec], T]) -> T:
@@ -337,7 +409,9 @@ class Remote:
             return self._loop, self._aio_channel
 
     async def _open_aio(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
 
     def many(
         self,
@@ -358,11 +432,27 @@ class Remote:
 
         async def run_all() -> None:
             sem = asyncio.Semaphore(window)
+            if self._in_flight is None:  # (only this loop's thread gets here)
+                self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+            shared = self._in_flight
+
+            async def call(i: int) -> Any:
+                delay, waited = BUSY_FIRST_DELAY, 0.0
+                while True:
+                    try:
+                        return await calls[i](channel)
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or waited >= self.timeout:
+                            raise
+                    self.counters.add("busy_retries")
+                    await asyncio.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 1.0)
 
             async def one(i: int) -> None:
-                async with sem:
+                async with sem, shared:
                     try:
-                        results.put((i, await calls[i](channel)))
+                        results.put((i, await call(i)))
                     except grpc.aio.AioRpcError as e:
                         if e.code() is grpc.StatusCode.NOT_FOUND:
                             results.put((i, None))

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tvix_store.core.errors import (
+    AccessDeniedError,
     ConflictError,
     IntegrityError,
     NotFoundError,
@@ -178,11 +179,75 @@ def map_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: what gRPC's connection failures say (inside "failed to connect to all addresses; last error:
+#: UNKNOWN: ipv4:…: …"), and what a person is told instead
+_CONNECT_FAILURES = (
+    ("connection refused", "connection refused (is the daemon running, on that port?)"),
+    ("dns resolution failed", "unknown host"),
+    ("errors resolving", "unknown host (the name does not resolve)"),
+    ("address lookup failed", "unknown host (the name does not resolve)"),
+    ("name or service not known", "unknown host"),
+    ("no such file or directory", "no such socket"),
+    ("certificate_verify_failed", "TLS: the server's certificate is not trusted (give its CA with ?ca=FILE)"),
+    ("certificate verify failed", "TLS: the server's certificate is not trusted (give its CA with ?ca=FILE)"),
+    ("ssl_error_ssl", "TLS handshake failed (wrong ?ca=, or a certificate not made for this host name)"),
+    ("handshake", "TLS handshake failed (a plain server? use grpc+http://; or a client certificate is required)"),
+    ("tls", "TLS handshake failed (a plain server? use grpc+http://)"),
+    ("ssl", "TLS handshake failed (a plain server? use grpc+http://)"),
+    (
+        "socket closed",
+        "the server closed the connection (a TLS server? use grpc+https://; or it is not a gRPC server)",
+    ),
+    (
+        "connection reset",
+        "the server reset the connection (a TLS server? use grpc+https://; or it is not a gRPC server)",
+    ),
+    ("timed out", "connection timed out"),
+    ("deadline exceeded", "no answer in time"),
+)
+
+
+_TRANSPORT_MARKERS = (
+    "failed to connect",
+    "last error",
+    "socket closed",
+    "connection reset",
+    "handshake",
+    "ssl_error",
+    "dns resolution",
+    "errors resolving",
+    "connection refused",
+)
+
+
+def humane(detail: str) -> str:
+    """One short phrase for the details of an UNAVAILABLE status (gRPC's text for connection
+    failures names its internals: "failed to connect to all addresses; last error: UNKNOWN: …")."""
+    low = detail.lower()
+    # only gRPC's own transport texts: a remote's message (a daemon in front of another remote)
+    # is passed on as it is
+    if any(m in low for m in _TRANSPORT_MARKERS):
+        for needle, phrase in _CONNECT_FAILURES:
+            if needle in low:
+                return phrase
+        last = detail.rsplit(": ", 1)[-1].strip()
+        return f"cannot connect ({last})" if last else "cannot connect"
+    return detail
+
+
 def error_from_status(code: grpc.StatusCode | None, details: str | None, remote: str, what: str) -> StoreError:
-    """The domain exception for a failed call `what` to `remote` (NOT_FOUND included, as NotFoundError)."""
+    """The domain exception for a failed call `what` to `remote` (NOT_FOUND included, as NotFoundError).
+    One line a person understands: the remote, what failed, and at most the status code's name."""
     detail = details or (code.name if code is not None else "unknown error")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return UnavailableError(f"remote store {remote} unavailable ({what}): {detail}")
+        return UnavailableError(f"remote store {remote} unavailable ({what}): {humane(detail)}")
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return AccessDeniedError(
+            f"remote store {remote} refused {what}: UNAUTHENTICATED: {detail} "
+            f"(set TVIX_STORE_TOKEN or add ?token_file=FILE to the URL)"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return AccessDeniedError(f"remote store {remote} refused {what}: PERMISSION_DENIED: {detail}")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return ValidationError(f"remote store {remote} rejected {what}: {detail}")
     if code is grpc.StatusCode.NOT_FOUND:

@@ -11,7 +11,8 @@ store does the work, and exceptions become status codes in one place
 (`tvix_store.remote.status.map_errors`). They never see backend types, and they stream: a blob
 is read and written chunk by chunk, never held whole; a Directory Put stream is held in a
 bounded spool (`tvix_store.serve.spool`). Not a client (see `tvix_store.remote`) and not the
-daemon's process lifecycle (`tvix_store.cli.daemon`).
+daemon's process lifecycle (`tvix_store.cli.daemon`). TLS and bearer tokens are wired in
+`StoreServer` (`tokens`, `bind(address, tls)`) from `tvix_store.serve.grpcauth`.
 
 Routes (PROTOCOL-V2.md §5): Blob and Directory services once per generation, each with its own
 codec. `/tvix.store.v1.PathInfoService/*` is the path of G1 and G2 clients alike and nothing
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -60,12 +61,14 @@ from tvix_store.protocol.wire import G1
 from tvix_store.protocol.wire_g2 import G2
 from tvix_store.protocol.wire_g3 import G3
 from tvix_store.remote.status import map_errors
+from tvix_store.serve.grpcauth import TokenInterceptor, server_credentials
 from tvix_store.serve.limits import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_STREAMS,
     StreamGuard,
     streaming,
 )
+from tvix_store.serve.security import TlsFiles, Tokens
 from tvix_store.serve.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, DirectorySpool
 from tvix_store.store import Store
 
@@ -105,6 +108,9 @@ ROUTES = routes()
 
 #: every service served, by full name (health answers SERVING for each, reflection lists them)
 SERVICE_NAMES = tuple(s.full_name for s, _, _ in ROUTES)
+
+#: the calls that write: an `rw` token is needed for them (`grpcauth`)
+WRITE_METHODS = frozenset(f"/{name}/Put" for name in SERVICE_NAMES)
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
@@ -344,7 +350,10 @@ class StoreServer:
     the real bound address. `stop(grace)` stops accepting, lets in-flight calls finish
     for up to `grace` seconds, and marks every service NOT_SERVING. Streaming calls are
     admitted and watched by a `StreamGuard` (`tvix_store.serve.limits`): `max_streams` at
-    once, each cancelled when idle for `idle_timeout` seconds.
+    once, each cancelled when idle for `idle_timeout` seconds. With `tokens`, every call but
+    health checks needs a valid bearer token, and writes an `rw` one (`grpcauth`); `bind(address,
+    tls)` serves TLS (mutual with a client CA). `interceptors` (e.g. `metrics.GrpcMetrics`) run
+    outside the token check.
     """
 
     def __init__(
@@ -355,6 +364,8 @@ class StoreServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_directory_put_count: int = DEFAULT_MAX_COUNT,
         max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
+        tokens: Tokens | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
         generations: tuple[str, ...] = TAGS,
     ) -> None:
         self.store = store
@@ -365,6 +376,9 @@ class StoreServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.guard.workers, thread_name_prefix="grpc"),
             options=SERVER_OPTIONS,
+            # outermost first: e.g. metrics (which then count refused calls too), then the tokens
+            interceptors=[*interceptors, *([TokenInterceptor(tokens, WRITE_METHODS)] if tokens is not None else [])]
+            or None,
         )
         # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
         writing = write_lock(store)
@@ -389,13 +403,17 @@ class StoreServer:
             pool=reflection_pool((health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)),
         )
 
-    def bind(self, address: str) -> str:
-        """Listen on `address`; the real address (ephemeral port resolved). StoreError if impossible."""
+    def bind(self, address: str, tls: TlsFiles | None = None) -> str:
+        """Listen on `address` (with TLS if given); the real address (ephemeral port resolved).
+        StoreError if impossible."""
         address, host, port = parse_listen(address)
         if host is not None and port is not None:
             _probe_bind(host, port)
         try:
-            bound = self._server.add_insecure_port(address)
+            if tls is not None:
+                bound = self._server.add_secure_port(address, server_credentials(tls))
+            else:
+                bound = self._server.add_insecure_port(address)
         except RuntimeError as e:
             raise StoreError(f"cannot listen on {address}: {e}") from None
         if host is None:
