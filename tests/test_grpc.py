@@ -39,7 +39,7 @@ from tvix_store.core.errors import (
     UnavailableError,
     ValidationError,
 )
-from tvix_store.core.pathinfo import PathInfo, StorePath
+from tvix_store.core.pathinfo import NarInfo, PathInfo, StorePath
 from tvix_store.protocol.g1 import castore_pb2
 from tvix_store.protocol.g1 import rpc_blobstore_pb2 as rb
 from tvix_store.protocol.g1 import rpc_blobstore_pb2_grpc as rbg
@@ -306,7 +306,7 @@ def test_client_not_found_is_none(client: Store) -> None:
         client.pathinfos.calculate_nar(FileNode(b"f", absent, 3))
 
 
-def test_client_directories_and_pathinfos(client: Store, tmp_path: Path) -> None:
+def test_client_directories_and_pathinfos(client: Store, served: Daemon, tmp_path: Path) -> None:
     blob = client.blobs.put(b"file contents\n")
     leaf = Directory(files=(FileNode(b"f", blob, 14, True),), symlinks=(SymlinkNode(b"l", b"f"),))
     mid = Directory(directories=(leaf.as_node(b"a"), leaf.as_node(b"b")))
@@ -320,9 +320,15 @@ def test_client_directories_and_pathinfos(client: Store, tmp_path: Path) -> None
     dirs = {bytes(d.digest): d for d in (leaf, mid, root)}
     assert (size, sha) == nix_nar_hash(materialize(node, tmp_path, {bytes(blob): b"file contents\n"}, dirs))
     sp = StorePath.from_nar_sha256(sha, "tree")
-    info = PathInfo(root.as_node(sp.basename.encode()))
+    info = PathInfo(root.as_node(sp.basename.encode()), narinfo=NarInfo(size, sha))
     assert client.pathinfos.put(info) == info
     assert client.pathinfos.get(sp.digest) == info
+    # without narinfo: snix.store.v1 refuses it, so the client sends it on tvix.store.v1
+    bare = PathInfo(root.as_node(StorePath.from_nar_sha256(sha, "bare").basename.encode()))
+    assert client.pathinfos.put(bare) == bare
+    with open_store(served.url + "?protocol=g1", timeout=10) as g1:
+        bare1 = PathInfo(root.as_node(StorePath.from_nar_sha256(sha, "bare1").basename.encode()))
+        assert g1.pathinfos.put(bare1) == bare1
 
 
 def test_client_maps_invalid_argument(client: Store) -> None:

@@ -66,7 +66,7 @@ def modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts.pop()
             name = ".".join(parts)
-            if name.startswith("tvix_store.protocol.g1"):
+            if name.startswith(("tvix_store.protocol.g1", "tvix_store.protocol.g2", "tvix_store.protocol.g3")):
                 continue  # generated
             out[name] = p
     return out

@@ -11,7 +11,8 @@ Schemes (`SCHEMES`; a backend registers with `register`):
 
     memory://                    in-process, lost at exit
     local:///abs/path[?fsync=1]  the embedded store (`objects.packs`)
-    grpc+http://HOST:PORT        a remote tvix-store (`tvix.store.v1`)
+    grpc+http://HOST:PORT        a remote tvix-store or snix, any protocol generation (the newest
+                                 it serves, detected per channel; `?protocol=g1|g2|g3` forces one)
     grpc+https://HOST:PORT[?ca=FILE][&cert=FILE&key=FILE][&token_file=FILE]
                                  the same over TLS (system roots unless `ca`; `cert`/`key`: a
                                  client certificate for mutual TLS)
@@ -314,9 +315,11 @@ def _grpc_security(url: str, secure: bool, loopback: bool) -> ChannelSecurity:
     """The `ChannelSecurity` a gRPC store URL asks for (its query and `$TVIX_STORE_TOKEN`)."""
     from tvix_store.remote.channel import ChannelSecurity
 
-    known = ("ca", "cert", "key", "token_file") if secure else ("token_file",)
+    known = ("ca", "cert", "key", "token_file", "protocol") if secure else ("token_file", "protocol")
     opts: dict[str, str] = {}
     for key, value in parse_qsl(urlparse(url).query, keep_blank_values=True):
+        if key == "protocol":
+            continue  # `_grpc_protocol`
         if key not in known or not value:
             raise ValidationError(
                 f"invalid store URL {public_url(url)!r}: unknown option {key!r} (known: {', '.join(known)})"
@@ -349,6 +352,19 @@ def _grpc_security(url: str, secure: bool, loopback: bool) -> ChannelSecurity:
     )
 
 
+def _grpc_protocol(url: str) -> str | None:
+    """The protocol generation a gRPC store URL forces (`?protocol=g1|g2|g3`), or None."""
+    protocol = None
+    for key, value in parse_qsl(urlparse(url).query, keep_blank_values=True):
+        if key == "protocol":
+            if value not in ("g1", "g2", "g3"):
+                raise ValidationError(
+                    f"invalid store URL {public_url(url)!r}: protocol={value!r} (known: protocol=g1|g2|g3)"
+                )
+            protocol = value
+    return protocol
+
+
 def _open_grpc(url: str, opts: Options) -> Backend:
     from tvix_store.blobservice.grpc import GrpcBlobService
     from tvix_store.directoryservice.grpc import GrpcDirectoryService
@@ -358,6 +374,7 @@ def _open_grpc(url: str, opts: Options) -> Backend:
 
     u = urlparse(url)
     shown = public_url(url)
+    protocol = _grpc_protocol(url)
     if u.scheme in ("grpc+http", "grpc+https"):
         try:
             port = u.port
@@ -373,7 +390,9 @@ def _open_grpc(url: str, opts: Options) -> Backend:
         target = f"unix:{u.path}"
         loopback = True
     security = _grpc_security(url, u.scheme == "grpc+https", loopback)
-    remote = Remote(target, shown, opts.timeout, opts.counters, fail_fast=opts.fail_fast, security=security)
+    remote = Remote(
+        target, shown, opts.timeout, opts.counters, fail_fast=opts.fail_fast, security=security, protocol=protocol
+    )
     return Backend(
         lambda: GrpcBlobService(remote),
         lambda: GrpcDirectoryService(remote),

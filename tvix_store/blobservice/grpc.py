@@ -1,12 +1,14 @@
-"""BlobService client of a remote `tvix.store.v1` BlobService (`grpc+http://…`, `grpc+unix://…`).
+"""BlobService client of a remote BlobService of any protocol generation (`grpc+http://…`,
+`grpc+unix://…`): `snix.castore.v1`, `tvix.castore.v1` or `tvix.store.v1`, the newest the
+remote serves (`Remote.codec("blob")`: detected once per channel, or forced by `?protocol=`).
 
-Works against this project's daemon and any tvix-store of the protocol's revision. Every call
+Works against this project's daemon, any tvix-store and snix. Every call
 goes through the store's shared `tvix_store.remote.channel.Remote` (breaker, deadlines, idle
 watchdog, error map). Everything received is verified: chunk bytes against their BLAKE3
 digest, the digest a Put returns against the locally computed one (IntegrityError otherwise).
 
-Chunks: `chunks(d)` asks Stat with include_chunks. A tvix-store without finer chunking may
-answer an empty list for a non-empty blob; the blob is then treated as its own single chunk,
+Chunks: `chunks(d)` asks Stat for the chunk list. A tvix-store or snix without finer chunking
+answers an empty list for a non-empty blob; the blob is then treated as its own single chunk,
 and its size (which Stat does not carry) is learned by streaming the blob once through a
 hasher (verifying it, holding none of it) and remembered in a bounded in-memory map.
 Thread-safe; `read_chunk` may be called from many threads at once (each call is its own
@@ -19,6 +21,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -26,9 +29,9 @@ from tvix_store.blobservice import BlobService, BlobWriter
 from tvix_store.core.capabilities import REMOTE
 from tvix_store.core.chunks import ChunkMeta
 from tvix_store.core.digest import EMPTY_DIGEST, B3Digest, blake3_of, new_hasher
-from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, ValidationError
+from tvix_store.core.errors import IntegrityError, NotFoundError, StoreError, UnavailableError, ValidationError
 from tvix_store.protocol import wire
-from tvix_store.protocol.g1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
+from tvix_store.protocol.codec import Codec
 from tvix_store.remote.channel import Remote
 
 #: Largest BlobChunk message a writer sends.
@@ -47,21 +50,37 @@ class GrpcBlobService(BlobService):
 
     def __init__(self, remote: Remote) -> None:
         self._r = remote
-        self._stub = rpc_blobstore_pb2_grpc.BlobServiceStub(remote.channel)
+        self._stubs: dict[str, Any] = {}
         self._sizes: OrderedDict[B3Digest, int] = OrderedDict()
         self._sizes_lock = threading.Lock()
 
+    def _stub(self, c: Codec) -> Any:
+        """A stub of the BlobService of generation `c` on the shared channel."""
+        stub = self._stubs.get(c.tag)
+        if stub is None:
+            stub = self._stubs[c.tag] = c.blobstore_grpc.BlobServiceStub(self._r.channel)
+        return stub
+
+    def _codec(self) -> tuple[Codec, Any]:
+        """The remote's confirmed generation (probed if need be) and its stub."""
+        c = self._r.codec("blob")
+        return c, self._stub(c)
+
     def has(self, digest: B3Digest) -> bool:
-        req = rpc_blobstore_pb2.StatBlobRequest(digest=bytes(digest))
-        return self._r.unary(self._stub.Stat, req, f"Stat {digest.hex()}") is not None
+        def stat(c: Codec) -> bool:
+            return self._r.unary(self._stub(c).Stat, c.stat_request(digest, False), f"Stat {digest.hex()}") is not None
+
+        return self._r.negotiate("blob", stat)
 
     def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        req = rpc_blobstore_pb2.StatBlobRequest(digest=bytes(digest), include_chunks=True)
-        meta = self._r.unary(self._stub.Stat, req, f"Stat {digest.hex()}")
+        def stat(c: Codec) -> tuple[Codec, Any]:
+            return c, self._r.unary(self._stub(c).Stat, c.stat_request(digest, True), f"Stat {digest.hex()}")
+
+        c, meta = self._r.negotiate("blob", stat)
         if meta is None:
             return None
         try:
-            chunks = wire.chunks_from_proto(meta)
+            chunks = c.chunks_from_stat(meta)
         except ValidationError as e:
             raise IntegrityError(f"remote store {self._r.name} sent a bad chunk list for {digest.hex()}: {e}") from None
         if chunks or digest == EMPTY_DIGEST:
@@ -75,15 +94,23 @@ class GrpcBlobService(BlobService):
             if (size := self._sizes.get(digest)) is not None:
                 self._sizes.move_to_end(digest)
                 return size
-        size = 0
-        h = new_hasher()
-        try:
-            for msg in self._read_stream(digest):
-                size += len(msg.data)
-                h.update(msg.data)
-        except NotFoundError:
+
+        def read(c: Codec) -> tuple[int, bytes] | None:
+            size = 0
+            h = new_hasher()
+            try:
+                for msg in self._read_stream(c, digest):
+                    size += len(msg.data)
+                    h.update(msg.data)
+            except NotFoundError:
+                return None
+            return size, h.digest()
+
+        got = self._r.negotiate("blob", read)
+        if got is None:
             return None
-        if h.digest() != digest:
+        size, hashed = got
+        if hashed != digest:
             raise IntegrityError(f"blob {digest.hex()} from {self._r.name} does not hash to its digest")
         with self._sizes_lock:
             self._sizes[digest] = size
@@ -91,34 +118,53 @@ class GrpcBlobService(BlobService):
                 self._sizes.popitem(last=False)
         return size
 
-    def _read_stream(self, digest: B3Digest) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
-        req = rpc_blobstore_pb2.ReadBlobRequest(digest=bytes(digest))
-        return self._r.server_stream(self._stub.Read, req, f"Read {digest.hex()}")
+    def _read_stream(self, c: Codec, digest: B3Digest) -> Iterator[Any]:
+        req = c.blobstore.ReadBlobRequest(digest=bytes(digest))
+        return self._r.server_stream(self._stub(c).Read, req, f"Read {digest.hex()}")
 
     def read_chunk(self, digest: B3Digest) -> bytes | None:
-        parts: list[bytes] = []
-        h = new_hasher()
-        try:
-            for msg in self._read_stream(digest):
-                parts.append(msg.data)
-                h.update(msg.data)
-        except NotFoundError:
-            if parts:
-                raise StoreError(f"remote store {self._r.name} lost blob {digest.hex()} while sending it") from None
+        def read(c: Codec) -> tuple[list[bytes], bytes] | None:
+            parts: list[bytes] = []
+            h = new_hasher()
+            try:
+                for msg in self._read_stream(c, digest):
+                    parts.append(msg.data)
+                    h.update(msg.data)
+            except NotFoundError:
+                if parts:
+                    raise StoreError(f"remote store {self._r.name} lost blob {digest.hex()} while sending it") from None
+                return None
+            return parts, h.digest()
+
+        got = self._r.negotiate("blob", read)
+        if got is None:
             return None
-        if h.digest() != digest:
+        parts, hashed = got
+        if hashed != digest:
             raise IntegrityError(f"chunk {digest.hex()} from {self._r.name} does not hash to its digest")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_many(self, digests: Sequence[B3Digest]) -> Iterator[tuple[B3Digest, bytes | None | StoreError]]:
         """Up to WINDOW Reads in flight at once (each ≤ the deadline), answered as they complete;
-        each answer verified."""
+        each answer verified. While the remote's generation is not settled, the first Read goes
+        alone (negotiating it), the rest then together."""
+        if digests and not self._r.negotiation.candidate("blob")[1]:
+            first: bytes | None | StoreError
+            try:
+                first = self.read_chunk(digests[0])
+            except UnavailableError:
+                raise
+            except StoreError as e:
+                first = e
+            yield digests[0], first
+            digests = digests[1:]
         t = self._r.timeout
+        c, _ = self._codec()
 
         def read(d: B3Digest) -> Callable[[grpc.aio.Channel], Awaitable[bytes]]:
             async def call(ch: grpc.aio.Channel) -> bytes:
-                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
-                parts = [m.data async for m in stub.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=bytes(d)), timeout=t)]
+                stub = c.blobstore_grpc.BlobServiceStub(ch)
+                parts = [m.data async for m in stub.Read(c.blobstore.ReadBlobRequest(digest=bytes(d)), timeout=t)]
                 return parts[0] if len(parts) == 1 else b"".join(parts)
 
             return call
@@ -130,13 +176,17 @@ class GrpcBlobService(BlobService):
             yield d, res
 
     def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
-        """Up to WINDOW Stats in flight at once."""
+        """Up to WINDOW Stats in flight at once (the first alone while the remote's generation
+        is not settled, as in `read_many`)."""
+        if digests and not self._r.negotiation.candidate("blob")[1]:
+            return [self.has(digests[0]), *self.has_many(digests[1:])]
         t = self._r.timeout
+        c, _ = self._codec()
 
         def stat(d: B3Digest) -> Callable[[grpc.aio.Channel], Awaitable[object]]:
             def call(ch: grpc.aio.Channel) -> Awaitable[object]:
-                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
-                return stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=bytes(d)), timeout=t)
+                stub = c.blobstore_grpc.BlobServiceStub(ch)
+                return stub.Stat(c.stat_request(d, False), timeout=t)
 
             return call
 
@@ -151,13 +201,14 @@ class GrpcBlobService(BlobService):
         """Up to WINDOW Puts in flight at once; each digest the remote answers is checked."""
         local = [B3Digest(blake3_of(b)) for b in blobs]
         t = self._r.timeout
+        c, _ = self._codec()
 
         def put(b: bytes) -> Callable[[grpc.aio.Channel], Awaitable[object]]:
             def call(ch: grpc.aio.Channel) -> Awaitable[object]:
-                stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+                stub = c.blobstore_grpc.BlobServiceStub(ch)
                 view = memoryview(b)
                 msgs = [
-                    rpc_blobstore_pb2.BlobChunk(data=bytes(view[off : off + PUT_MESSAGE_SIZE]))
+                    c.blobstore.BlobChunk(data=bytes(view[off : off + PUT_MESSAGE_SIZE]))
                     for off in range(0, len(b), PUT_MESSAGE_SIZE)
                 ]
                 return stub.Put(iter(msgs), timeout=t + len(b) / (1 << 20))
@@ -178,7 +229,8 @@ class GrpcBlobService(BlobService):
         return local
 
     def open_write(self) -> BlobWriter:
-        return _GrpcBlobWriter(self._r, self._stub)
+        c, stub = self._codec()
+        return _GrpcBlobWriter(self._r, stub, c.blobstore.BlobChunk)
 
     def available(self) -> bool:
         return not self._r.is_down
@@ -195,9 +247,10 @@ class _GrpcBlobWriter(BlobWriter):
     """Streams a Put from a bounded queue: the caller's `write` enqueues ≤ 1 MiB messages, gRPC's
     request-consumer thread sends them, so at most PUT_QUEUE_DEPTH messages sit in memory."""
 
-    def __init__(self, remote: Remote, stub: rpc_blobstore_pb2_grpc.BlobServiceStub) -> None:
+    def __init__(self, remote: Remote, stub: Any, blob_chunk: type[Any]) -> None:
         remote.check()
         self._r = remote
+        self._blob_chunk = blob_chunk
         self._q: queue.Queue[object] = queue.Queue(maxsize=PUT_QUEUE_DEPTH)
         self._hasher = new_hasher()
         self._digest: B3Digest | None = None
@@ -208,7 +261,7 @@ class _GrpcBlobWriter(BlobWriter):
         self._future = stub.Put.future(self._requests())
         self._watch.call = self._future
 
-    def _requests(self) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+    def _requests(self) -> Iterator[Any]:
         while True:
             self._wanting = True
             item = self._q.get()
@@ -217,7 +270,7 @@ class _GrpcBlobWriter(BlobWriter):
             if item is _END or item is _ABORT:
                 return
             assert isinstance(item, bytes)
-            yield rpc_blobstore_pb2.BlobChunk(data=item)
+            yield self._blob_chunk(data=item)
 
     def _failure(self) -> StoreError:
         self._done = True

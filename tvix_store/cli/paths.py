@@ -3,10 +3,11 @@
 - `path list [--json]`: every store path, sorted, one a line; `--json`: one JSON object a line
   (`path`, `narSize`, `narHash` as Nix writes it, `sha256:<nixbase32>`, `references` as full
   store paths). Needs a store that can enumerate its path infos (`capabilities.can_list`):
-  tvix.store.v1 has no listing call, so over gRPC it is an error.
+  over gRPC that is List, which 2024 and 2025 servers have; a 2022 (`tvix.store.v1`) server has
+  no listing call, so against one it is an error.
 - `path info [--json] STORE_PATH`: root node, NAR size and hash, references, signatures.
 - `path rm STORE_PATH…`: removes the PathInfos only (all named paths must exist, else nothing
-  is removed); their data goes with the next `gc`. tvix.store.v1 has no delete call, so over
+  is removed); their data goes with the next `gc`. No protocol generation has a delete call, so over
   gRPC it is an error.
 
 Only argument handling and output; the store does the work.
@@ -79,8 +80,8 @@ def list_paths(args: argparse.Namespace) -> int:
     with open_store_from_args(args) as store:
         if not store.pathinfos.capabilities.can_list:
             raise StoreError(
-                f"cannot list the store paths of {store.url}: the protocol (tvix.store.v1) has no call "
-                "that enumerates path infos; run it where the store is (--store local:///…)"
+                f"cannot list the store paths of {store.url}: it has no way to enumerate its path infos; "
+                "run it where the store is (--store local:///…)"
             )
         infos = sorted(store.pathinfos.iter_all(), key=lambda i: i.store_path.absolute)
     out = sys.stdout

@@ -6,9 +6,11 @@ Directory's digest (BLAKE3 of its deterministic protobuf encoding, written out b
 hand here so the domain does not depend on the generated protobuf modules; a test
 checks it against the protobuf library's encoding).
 
-It is not the wire format (`tvix_store.protocol.wire` converts) and does no I/O.
-Names and symlink targets are `bytes` as the filesystem gives them; on the wire they
-are protobuf strings, so they must be valid UTF-8 (checked by `validate_name`).
+It is not the wire format (`tvix_store.protocol.wire*` convert) and does no I/O.
+Names and symlink targets are `bytes` as the filesystem gives them, any bytes but the few
+the rules exclude (as in `tvix.castore.v1` and `snix.castore.v1`, where they are protobuf
+bytes); sizes are uint64. The 2022 protocol's strings and uint32 sizes are its codec's
+concern (`wire.G1` refuses what it cannot carry).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from tvix_store.core.errors import ValidationError
 
 MAX_NAME_LEN = 255
 MAX_TARGET_LEN = 4095
+#: the largest value a 2022 (`tvix.store.v1`) size field holds; the domain is not bound by it
 MAX_U32 = 0xFFFFFFFF
+#: the largest size (uint64 in `tvix.castore.v1` and `snix.castore.v1`)
+MAX_U64 = (1 << 64) - 1
 
 
 def _fmt(name: bytes) -> str:
@@ -30,7 +35,7 @@ def _fmt(name: bytes) -> str:
 
 
 def validate_name(name: bytes, what: str = "name") -> None:
-    """Check an entry name: not empty, not . or .., no / or NUL, ≤ 255 bytes, UTF-8."""
+    """Check an entry name: not empty, not . or .., no / or NUL, ≤ 255 bytes (any other bytes)."""
     if not name:
         raise ValidationError(f"invalid {what}: empty")
     if name in (b".", b".."):
@@ -39,29 +44,21 @@ def validate_name(name: bytes, what: str = "name") -> None:
         raise ValidationError(f"invalid {what} {_fmt(name)!r}: contains '/' or NUL")
     if len(name) > MAX_NAME_LEN:
         raise ValidationError(f"invalid {what} {_fmt(name[:32])!r}…: longer than {MAX_NAME_LEN} bytes")
-    try:
-        name.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValidationError(f"invalid {what} {_fmt(name)!r}: not valid UTF-8") from None
 
 
 def validate_target(target: bytes, name: bytes) -> None:
-    """Check a symlink target: not empty, no NUL, ≤ 4095 bytes, UTF-8."""
+    """Check a symlink target: not empty, no NUL, ≤ 4095 bytes (any other bytes)."""
     if not target:
         raise ValidationError(f"symlink {_fmt(name)!r}: empty target")
     if b"\0" in target:
         raise ValidationError(f"symlink {_fmt(name)!r}: target contains NUL")
     if len(target) > MAX_TARGET_LEN:
         raise ValidationError(f"symlink {_fmt(name)!r}: target longer than {MAX_TARGET_LEN} bytes")
-    try:
-        target.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValidationError(f"symlink {_fmt(name)!r}: target is not valid UTF-8") from None
 
 
-def _check_u32(value: int, what: str) -> None:
-    if not 0 <= value <= MAX_U32:
-        raise ValidationError(f"{what} {value} does not fit in uint32")
+def _check_u64(value: int, what: str) -> None:
+    if not 0 <= value <= MAX_U64:
+        raise ValidationError(f"{what} {value} does not fit in uint64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +71,7 @@ class DirectoryNode:
 
     def validate(self) -> None:
         validate_name(self.name)
-        _check_u32(self.size, f"directory {_fmt(self.name)!r}: size")
+        _check_u64(self.size, f"directory {_fmt(self.name)!r}: size")
 
     def renamed(self, name: bytes) -> DirectoryNode:
         return DirectoryNode(name, self.digest, self.size)
@@ -91,7 +88,7 @@ class FileNode:
 
     def validate(self) -> None:
         validate_name(self.name)
-        _check_u32(self.size, f"file {_fmt(self.name)!r}: size")
+        _check_u64(self.size, f"file {_fmt(self.name)!r}: size")
 
     def renamed(self, name: bytes) -> FileNode:
         return FileNode(name, self.digest, self.size, self.executable)
@@ -236,7 +233,7 @@ class Directory:
                 if n.name in seen:
                     raise ValidationError(f"duplicate name {_fmt(n.name)!r}")
                 seen.add(n.name)
-        _check_u32(self.size, "directory size")
+        _check_u64(self.size, "directory size")
 
     def check_child_sizes(self, sizes: dict[B3Digest, int]) -> None:
         """Check each child DirectoryNode's size against the known size of its Directory."""

@@ -69,6 +69,23 @@ class ResourceExhaustedError(StoreError):
     """
 
 
+class UnrepresentableError(StoreError):
+    """The answer exists but the protocol generation asked in cannot express it (a name or
+    target that is not UTF-8, a size of 2^32 or more, for a `tvix.store.v1` (2022) peer):
+    refused instead of sent truncated or unparsable; a newer generation can carry it.
+
+    gRPC: FAILED_PRECONDITION. CLI: exit 1.
+    """
+
+
+class UnsupportedError(StoreError):
+    """The request asks for something this service does not do (a protocol generation's own
+    answer for a request it does not implement, a listing of a store that cannot list).
+
+    gRPC: UNIMPLEMENTED. CLI: exit 1.
+    """
+
+
 class AccessDeniedError(StoreError):
     """A remote refused the call: no valid credentials, or a read-only token asked to write.
 

@@ -21,13 +21,13 @@ Strict: accepted is exactly what `nix-store --dump` writes, i.e. PROTOCOL.md's g
 with every string a little-endian u64 length, the bytes and zero padding to 8. Rejected
 with `ValidationError`, naming what is wrong and the byte offset: another magic or token,
 non-zero padding, entries not strictly ascending bytewise by name (duplicates included),
-names that are not valid castore names (empty, `.`, `..`, `/` or NUL, over 255 bytes, not
-UTF-8), symlink targets that are not valid (empty, NUL, over 4095 bytes, not UTF-8), files
-of 4 GiB or more (`FileNode.size` is uint32) and directories of 2^32 or more recursive
-entries, anything after the root node, and a stream that ends early. No length prefix
-makes it allocate more than the limit of what it announces (tokens 64 bytes, names 255,
-targets 4095, file contents stream). The NAR size itself is not limited (but
-`NARInfo.nar_size` is uint32: a PathInfo cannot carry the size of a NAR of 4 GiB or more).
+names that are not valid castore names (empty, `.`, `..`, `/` or NUL, over 255 bytes; any
+other bytes, UTF-8 or not, are names), symlink targets that are not valid (empty, NUL, over
+4095 bytes),
+anything after the root node, and a stream that ends early. No length prefix makes it
+allocate more than the limit of what it announces (tokens 64 bytes, names 255, targets 4095,
+file contents stream). Sizes are uint64 (`tvix.castore.v1`, `snix.castore.v1`): files and
+NARs of 4 GiB and more are read like any other, streamed.
 
 Nothing half-written: this module stores no PathInfo at all (its caller does, after it
 returned). Blobs are written as they are read (harmless: content-addressed, unreferenced
@@ -56,7 +56,6 @@ from tvix_store import nar
 from tvix_store.core.castore import (
     MAX_NAME_LEN,
     MAX_TARGET_LEN,
-    MAX_U32,
     Directory,
     DirectoryNode,
     FileNode,
@@ -371,10 +370,6 @@ class _Reader:
         start = self.inp.offset
         what = "the contents of a file"
         size = self.u64(what)
-        if size > MAX_U32:
-            raise self.error(
-                start, f"file {_show(name)!r} of {size} bytes is larger than 4 GiB - 1 (FileNode.size is uint32)"
-            )
         if size <= SMALL_FILE:
             data = self.inp.take(size, what, start)
             digest = B3Digest.of(data)
@@ -399,8 +394,6 @@ class _Reader:
         if self.keyword(b"entry", b")") == b")":
             d = Directory.from_nodes(frame.nodes)
             dnode = d.as_node(frame.name)
-            if dnode.size > MAX_U32:
-                raise self.error(self.inp.offset, "more than 4 GiB - 1 entries (DirectoryNode.size is uint32)")
             self.stack.pop()
             self.add_dir(d)
             if not self.stack:

@@ -8,9 +8,10 @@ read also feeds the NAR hash); otherwise read again for the NAR hash only.
 
 Nix's rules are followed, not improved on: a file is executable iff its owner `x` bit is set
 (`S_IXUSR`, as `nix-store --dump`), symlinks are stored, never followed (also at the root).
-Refused, with a message naming the path: sockets, FIFOs and devices; names and symlink
-targets that are not UTF-8 (they are protobuf strings on the wire); files of 4 GiB or more
-(`FileNode.size` is uint32) and trees whose NAR is that big (`NARInfo.nar_size`).
+Refused, with a message naming the path: sockets, FIFOs and devices. Names and symlink
+targets are bytes, UTF-8 or not, and sizes uint64 (as in `tvix.castore.v1` and
+`snix.castore.v1`): files and NARs of 4 GiB and more import, streamed like any big file, never
+held in memory (a 2022 `tvix.store.v1` peer is refused what it cannot carry, by its codec).
 Directories are walked with an explicit stack and one directory fd, each opened relative to
 the one before: depth is bounded neither by the recursion limit nor by PATH_MAX.
 """
@@ -23,7 +24,7 @@ import stat
 from dataclasses import dataclass, field
 
 from tvix_store import nar
-from tvix_store.core.castore import MAX_U32, Directory, FileNode, Node, SymlinkNode, validate_name
+from tvix_store.core.castore import MAX_U64, Directory, FileNode, Node, SymlinkNode, validate_name
 from tvix_store.core.digest import B3Digest, new_hasher
 from tvix_store.core.errors import StoreError, ValidationError
 from tvix_store.importer.upload import Pending, Progress, Uploader, open_nofollow, show
@@ -128,10 +129,8 @@ class TreeWalk:
         self.nar_size += len(piece)
 
     def check_nar_room(self, p: bytes, more: int) -> None:
-        if self.nar_size + more > MAX_U32:
-            raise ValidationError(
-                f"{show(p)}: the NAR serialisation would exceed 4 GiB - 1 bytes (NARInfo.nar_size is uint32)"
-            )
+        if self.nar_size + more > MAX_U64:
+            raise ValidationError(f"{show(p)}: the NAR serialisation would exceed 2^64 - 1 bytes")
 
     def walk(self, root: bytes, root_name: bytes) -> Node:
         """Hash the tree (NAR, blobs, Directories); upload missing big blobs. Returns the root node."""
@@ -173,8 +172,8 @@ class TreeWalk:
             d = Directory.from_nodes(f.nodes)
             self.directories.setdefault(d.digest, d)
             dnode = d.as_node(f.name)
-            if dnode.size > MAX_U32:
-                raise ValidationError(f"{show(f.path)}: more than 4 GiB - 1 entries")
+            if dnode.size > MAX_U64:
+                raise ValidationError(f"{show(f.path)}: more than 2^64 - 1 entries")
             if not stack:
                 return dnode
             cur.up(stack[-1])
@@ -228,10 +227,6 @@ class TreeWalk:
             if not stat.S_ISREG(st.st_mode):
                 raise _unsupported(p, st.st_mode)
             size = st.st_size
-            if size > MAX_U32:
-                raise ValidationError(
-                    f"{show(p)}: file of {size} bytes is larger than 4 GiB - 1 (FileNode.size is uint32)"
-                )
             executable = bool(st.st_mode & stat.S_IXUSR)
             header = nar.regular_header(executable, size)
             trailer = nar.regular_trailer(size)

@@ -53,7 +53,7 @@ from aiohttp import web
 from tvix_store import nar
 from tvix_store.admission import Admission
 from tvix_store.core import nixbase32
-from tvix_store.core.castore import MAX_U32, DirectoryNode, FileNode, Node
+from tvix_store.core.castore import MAX_U64, DirectoryNode, FileNode, Node
 from tvix_store.core.errors import (
     ConflictError,
     NotFoundError,
@@ -478,7 +478,7 @@ class Bridge:
         if size_text is None or not size_text.isdigit() or len(size_text) > 20:
             raise HttpError(400, "the NAR URL needs ?narsize=N (the NarSize of the narinfo)")
         size = int(size_text)
-        if size > MAX_U32:
+        if size > MAX_U64:
             raise HttpError(400, f"narsize {size} is out of range")
         rng = parse_range(request.headers.get("Range"), size)
         first, last = rng if rng is not None else (0, size - 1)

@@ -9,8 +9,7 @@ Directories put as complete subgraphs. Memory stays bounded: at most `PIPE_BYTES
 waiting, the decompressor's window, and what `read_nar` holds. At the end the name must be
 the sha256 of the body or of the NAR inside (Nix names the NAR file by the first, tvix and snix
 clients by the second, which for `.nar` is the same): anything else is a ValidationError and
-nothing is indexed. A NAR of 4 GiB or more is refused as soon as it gets there (`nar_size` is
-uint32 in tvix.store.v1).
+nothing is indexed. NARs of 4 GiB and more are taken like any other (`nar_size` is uint64).
 
 Not here: HTTP (`tvix_store.narbridge.app`), the index (`index`), PathInfos (none are made
 from a NAR alone).
@@ -30,7 +29,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from tvix_store.core import nixbase32
-from tvix_store.core.castore import MAX_U32, Node
+from tvix_store.core.castore import Node
 from tvix_store.core.errors import StoreError, ValidationError
 from tvix_store.importer.nar import read_nar
 from tvix_store.store import Store
@@ -139,7 +138,7 @@ class _Hashing:
 
 
 class _Decompressed:
-    """The NAR inside: the decompressor's output, errors as ValidationError, at most 4 GiB - 1."""
+    """The NAR inside: the decompressor's output, errors as ValidationError."""
 
     def __init__(self, raw: _Hashing, compression: str) -> None:
         self.compression = compression
@@ -168,10 +167,6 @@ class _Decompressed:
                 raise
             raise ValidationError(f"the body is not valid {self.compression}: {e}") from None
         self.size += len(data)
-        if self.size > MAX_U32:
-            raise ValidationError(
-                "the NAR is 4 GiB or larger, which tvix.store.v1 cannot describe (nar_size is uint32)"
-            )
         return data
 
 

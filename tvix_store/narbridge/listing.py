@@ -4,7 +4,9 @@ the offset of its contents in the NAR), made from the Directories alone: no blob
 
 Offsets are counted with the NAR grammar pieces of `tvix_store.nar`, in the order `nar.render`
 writes them, so they point into the NAR this bridge serves. Iterative (no recursion limit),
-produced in pieces of `PIECE_PARTS` entries.
+produced in pieces of `PIECE_PARTS` entries. JSON strings cannot carry bytes that are not
+UTF-8: such names and targets are written with `\\xNN` escapes (what Python's
+`backslashreplace` gives), a listing is never refused for them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ PIECE_PARTS = 1024
 
 
 def _name(b: bytes) -> str:
-    return json.dumps(b.decode("utf-8"), ensure_ascii=False)
+    return json.dumps(b.decode("utf-8", "backslashreplace"), ensure_ascii=False)
 
 
 def listing(node: Node, directories: DirectoryService) -> Iterator[bytes]:

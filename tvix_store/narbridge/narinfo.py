@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from tvix_store.core import nixbase32
-from tvix_store.core.castore import MAX_U32, Node
+from tvix_store.core.castore import MAX_U64, Node
 from tvix_store.core.errors import ValidationError
 from tvix_store.core.pathinfo import HASH_LEN, STORE_DIR, Signature, StorePath
 from tvix_store.protocol import wire
@@ -219,8 +219,8 @@ def parse(body: bytes) -> NarInfoText:
     if not size_text.isdigit() or len(size_text) > 20:
         raise ValidationError(f"NarSize {size_text[:40]!r} is not a number")
     nar_size = int(size_text)
-    if not 0 < nar_size <= MAX_U32:
-        raise ValidationError(f"NarSize {nar_size} is out of range (1 to 4 GiB - 1: nar_size is uint32)")
+    if not 0 < nar_size <= MAX_U64:
+        raise ValidationError(f"NarSize {nar_size} is out of range (1 to 2^64 - 1: nar_size is uint64)")
     refs = sorted({_basename(r, "References") for r in fields.get("References", "").split()})
     deriver = fields.get("Deriver")
     if deriver == "unknown-deriver" or deriver == "":

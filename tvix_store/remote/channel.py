@@ -32,6 +32,11 @@ The three gRPC client backends of a store (`blobservice.grpc`, `directoryservice
   Several batches at once (an import's workers) share one limit, `MAX_IN_FLIGHT`, below a
   daemon's default limit of streaming calls, so one client never fills a server alone.
 
+- The protocol generation of each service (`negotiate`, `codec`): newest first, a call
+  answered UNIMPLEMENTED is repeated one generation older, any other answer settles it for
+  the channel's life (`tvix_store.remote.generation.Negotiation`); `protocol="g1"|"g2"|"g3"`
+  forces one for every service.
+
 - Security (`ChannelSecurity`): TLS (`grpc+https://`: the CA file given, else the system's
   roots; a client certificate for mutual TLS) and a bearer token sent with every call
   (`authorization: Bearer …`). A token without TLS is only sent over loopback TCP or a unix
@@ -54,15 +59,19 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tvix_store.core.errors import StoreError, UnavailableError, ValidationError
+from tvix_store.core.errors import NotFoundError, StoreError, UnavailableError, UnsupportedError, ValidationError
+from tvix_store.protocol.codec import TAGS, Codec
 from tvix_store.remote.breaker import CircuitBreaker
+from tvix_store.remote.generation import Negotiation, probe_request
 from tvix_store.remote.status import error_from_status
 from tvix_store.util.counters import Counters
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 64 << 20
@@ -224,12 +233,17 @@ class Remote:
         *,
         fail_fast: bool = False,
         security: ChannelSecurity | None = None,
+        protocol: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValidationError(f"invalid timeout {timeout!r}: must be positive")
+        if protocol is not None and protocol not in TAGS:
+            raise ValidationError(f"invalid protocol {protocol!r}: expected one of {', '.join(TAGS)}")
         self.target = target
         self.name = name or target
         self.timeout = timeout
+        #: the generation of each service: forced, or negotiated by the first calls
+        self.negotiation = Negotiation(self.name, protocol)
         self.counters = counters if counters is not None else Counters()
         self.counters.declare(("timeouts", "busy_retries"))
         self._credentials = channel_credentials(security, target)
@@ -251,6 +265,54 @@ class Remote:
         self._batches: set[concurrent.futures.Future[None]] = set()  # running `many` batches
         self._in_flight: asyncio.Semaphore | None = None  # MAX_IN_FLIGHT, made on the loop
         self._warming = False
+
+    def negotiate(self, service: str, attempt: Callable[[Codec], T]) -> T:
+        """`attempt(codec)` in the newest generation of `service` not yet refused; repeated one
+        generation older while an unconfirmed generation answers UNIMPLEMENTED
+        (UnsupportedError). Any other outcome but UnavailableError confirms the generation."""
+        while True:
+            c, confirmed = self.negotiation.candidate(service)
+            try:
+                result = attempt(c)
+            except UnsupportedError:
+                if confirmed:
+                    raise
+                self.negotiation.refuse(service, c.tag)
+                continue
+            except UnavailableError:
+                raise
+            except StoreError:
+                self.negotiation.confirm(service, c.tag)
+                raise
+            self.negotiation.confirm(service, c.tag)
+            return result
+
+    def codec(self, service: str) -> Codec:
+        """The confirmed generation of `service`, after a probe call (an absent digest) if
+        none is confirmed yet: for calls that cannot be repeated or whose UNIMPLEMENTED means
+        something else."""
+        c, confirmed = self.negotiation.candidate(service)
+        if confirmed:
+            return c
+
+        def probe(c: Codec) -> None:
+            method, request = probe_request(service, c)
+            desc = {"blob": c.blob_service, "directory": c.directory_service, "pathinfo": c.pathinfo_service}[service]
+            m = desc.methods_by_name[method]
+            path = f"/{desc.full_name}/{method}"
+            if m.server_streaming:
+                call = self.channel.unary_stream(path, request_serializer=type(request).SerializeToString)
+                try:
+                    for _ in self.server_stream(call, request, f"{service} probe"):
+                        break
+                except NotFoundError:
+                    pass
+            else:
+                call = self.channel.unary_unary(path, request_serializer=type(request).SerializeToString)
+                self.unary(call, request, f"{service} probe")
+
+        self.negotiate(service, probe)
+        return self.negotiation.candidate(service)[0]
 
     def _probe(self) -> None:
         """Any answer of the health service (even an error status) means the remote is up."""

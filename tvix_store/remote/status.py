@@ -27,6 +27,8 @@ from tvix_store.core.errors import (
     ResourceExhaustedError,
     StoreError,
     UnavailableError,
+    UnrepresentableError,
+    UnsupportedError,
     ValidationError,
 )
 from tvix_store.protocol.wire import Malformed
@@ -57,6 +59,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, msg
     if isinstance(exc, ResourceExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
+    if isinstance(exc, UnrepresentableError):
+        return grpc.StatusCode.FAILED_PRECONDITION, msg
+    if isinstance(exc, UnsupportedError):
+        return grpc.StatusCode.UNIMPLEMENTED, msg
     if isinstance(exc, StoreError):
         return grpc.StatusCode.INTERNAL, msg
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {msg}"
@@ -74,6 +80,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
     ):
         log.debug("%s: %s: %s", rpc, code.name, msg)
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -253,5 +260,7 @@ def error_from_status(code: grpc.StatusCode | None, details: str | None, remote:
         return PreconditionError(f"remote store {remote} refused {what}: {detail}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(f"remote store {remote} refused {what}: {detail}")
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return UnsupportedError(f"remote store {remote} does not implement {what}: {detail}")
     name = code.name if code is not None else "UNKNOWN"
     return StoreError(f"remote store {remote} failed ({what}): {name}: {detail}")

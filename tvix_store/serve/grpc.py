@@ -1,18 +1,31 @@
-"""gRPC servicers of `tvix.store.v1` (BlobService, DirectoryService, PathInfoService) over any
-`Store`, plus `StoreServer`, which binds them with reflection and health checking.
+"""gRPC servicers of every protocol generation (BlobService, DirectoryService, PathInfoService
+of `tvix.store.v1` 2022, `tvix.castore.v1` + `tvix.store.v1` 2024, `snix.castore.v1` +
+`snix.store.v1` 2025) over any `Store`, plus `StoreServer`, which binds all of them over one
+store with reflection and health checking.
 
-The servicers only translate: wire messages become validated domain objects in
-`tvix_store.protocol.wire`, writes pass the cross-object checks of `tvix_store.admission`
-(blobs before the Directories naming them, complete closures and matching NarHash before a
-PathInfo, no store path replaced), the store does the work, and exceptions become status codes
-in one place (`tvix_store.remote.status.map_errors`). They never see backend types, and they
-stream: a blob is read and written chunk by chunk, never held whole; a Directory Put stream is
-held in a bounded spool (`tvix_store.serve.spool`). Not a client (see `tvix_store.remote`) and
-not the daemon's process lifecycle (`tvix_store.cli.daemon`). TLS and bearer tokens are wired
-in `StoreServer` (`tokens`, `bind(address, tls)`) from `tvix_store.serve.grpcauth`.
+The servicers only translate: wire messages become validated domain objects through the
+generation's codec (`tvix_store.protocol.codec`: `wire.G1`, `wire_g2.G2`, `wire_g3.G3`), writes
+pass the cross-object checks of `tvix_store.admission` (blobs before the Directories naming
+them, complete closures and matching NarHash before a PathInfo, no store path replaced), the
+store does the work, and exceptions become status codes in one place
+(`tvix_store.remote.status.map_errors`). They never see backend types, and they stream: a blob
+is read and written chunk by chunk, never held whole; a Directory Put stream is held in a
+bounded spool (`tvix_store.serve.spool`). Not a client (see `tvix_store.remote`) and not the
+daemon's process lifecycle (`tvix_store.cli.daemon`). TLS and bearer tokens are wired in
+`StoreServer` (`tokens`, `bind(address, tls)`) from `tvix_store.serve.grpcauth`.
 
-Stat's `include_bao` is accepted but answered with an empty `inline_bao`: outboard bao
-is not supported (PROTOCOL.md allows "empty if unsupported").
+Routes (PROTOCOL-V2.md §5): Blob and Directory services once per generation, each with its own
+codec. `/tvix.store.v1.PathInfoService/*` is the path of G1 and G2 clients alike and nothing
+tells them apart: it is served with the G2 messages (a superset on the wire) and G1's rules
+(a named CalculateNAR root, a PathInfo without narinfo, NOT_FOUND for a missing object, an
+unset `by_what` INVALID_ARGUMENT); a G1 client there reads sizes ≥ 4 GiB truncated, which only
+G2 can express. `/snix.store.v1.PathInfoService/*` follows snix (`strict`): narinfo required,
+the CalculateNAR root unnamed ("invalid root node"), a missing object DATA_LOSS, an unset
+`by_what` UNIMPLEMENTED. On the G1 Blob and Directory paths, anything G1 cannot carry (a name
+that is not UTF-8, a size ≥ 4 GiB) is FAILED_PRECONDITION, never a truncated value.
+
+Stat's bao (`include_bao`/`send_bao`) is accepted but answered empty: outboard bao is not
+supported (PROTOCOL.md allows "empty if unsupported").
 """
 
 from __future__ import annotations
@@ -23,29 +36,30 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
-from types import ModuleType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tvix_store.admission import Admission
 from tvix_store.core.digest import B3Digest
-from tvix_store.core.errors import NotFoundError, StoreError, ValidationError
+from tvix_store.core.errors import (
+    IntegrityError,
+    NotFoundError,
+    StoreError,
+    UnsupportedError,
+    ValidationError,
+)
 from tvix_store.directoryservice import GraphCheck
 from tvix_store.gc import sweep_epoch, write_lock
 from tvix_store.pathinfoservice import check_output_hash
 from tvix_store.protocol import wire
-from tvix_store.protocol.g1 import (
-    castore_pb2,
-    pathinfo_pb2,
-    rpc_blobstore_pb2,
-    rpc_blobstore_pb2_grpc,
-    rpc_directory_pb2,
-    rpc_directory_pb2_grpc,
-    rpc_pathinfo_pb2,
-    rpc_pathinfo_pb2_grpc,
-)
+from tvix_store.protocol.codec import TAGS, Codec
+from tvix_store.protocol.generations import reflection_pool
+from tvix_store.protocol.wire import G1
+from tvix_store.protocol.wire_g2 import G2
+from tvix_store.protocol.wire_g3 import G3
 from tvix_store.remote.status import map_errors
 from tvix_store.serve.grpcauth import TokenInterceptor, server_credentials
 from tvix_store.serve.limits import (
@@ -71,11 +85,29 @@ MAX_MESSAGE_SIZE = 64 << 20
 #: How long in-flight calls may run on after a stop was requested.
 DEFAULT_GRACE = 20.0
 
-SERVICE_NAMES = (
-    rpc_blobstore_pb2.DESCRIPTOR.services_by_name["BlobService"].full_name,
-    rpc_directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
-    rpc_pathinfo_pb2.DESCRIPTOR.services_by_name["PathInfoService"].full_name,
-)
+
+def routes(generations: tuple[str, ...] = TAGS) -> tuple[tuple[Any, Codec, bool], ...]:
+    """(service descriptor, codec, strict PathInfo rules) of every route serving `generations`:
+    Blob and Directory services per generation; the `tvix.store.v1` PathInfoService once, with
+    G2's messages and G1's rules when G2 is served (G1's own, without List, when only G1 is),
+    and snix's with snix's rules (see the module docstring)."""
+    codecs = [c for c in (G1, G2, G3) if c.tag in generations]
+    out: list[tuple[Any, Codec, bool]] = [(c.blob_service, c, False) for c in codecs]
+    out += [(c.directory_service, c, False) for c in codecs]
+    if "g2" in generations:
+        out.append((G2.pathinfo_service, G2, False))
+    elif "g1" in generations:
+        out.append((G1.pathinfo_service, G1, False))
+    if "g3" in generations:
+        out.append((G3.pathinfo_service, G3, True))
+    return tuple(out)
+
+
+#: every route of every generation (what the daemon serves)
+ROUTES = routes()
+
+#: every service served, by full name (health answers SERVING for each, reflection lists them)
+SERVICE_NAMES = tuple(s.full_name for s, _, _ in ROUTES)
 
 #: the calls that write: an `rw` token is needed for them (`grpcauth`)
 WRITE_METHODS = frozenset(f"/{name}/Put" for name in SERVICE_NAMES)
@@ -91,12 +123,11 @@ SERVER_OPTIONS = [
 ]
 
 
-def add_servicer(server: grpc.Server, module: ModuleType, service: str, servicer: object) -> None:
-    """Register a servicer like the generated `add_…_to_server`, but with request deserializers
-    that never raise (`wire.safe_deserializer`): bytes that are no valid message reach the
-    servicer as `wire.Malformed` and are answered INVALID_ARGUMENT, not INTERNAL with a
-    traceback in the log."""
-    desc = module.DESCRIPTOR.services_by_name[service]
+def add_servicer(server: grpc.Server, desc: Any, servicer: object) -> None:
+    """Register a servicer for the methods of `desc` like the generated `add_…_to_server`, but
+    with request deserializers that never raise (`wire.safe_deserializer`): bytes that are no
+    valid message reach the servicer as `wire.Malformed` and are answered INVALID_ARGUMENT, not
+    INTERNAL with a traceback in the log."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -122,49 +153,46 @@ def _complete(context: grpc.ServicerContext) -> None:
         raise grpc.RpcError("cancelled by the client before the end of its request stream")
 
 
-class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
-    def __init__(self, store: Store, guard: StreamGuard, writing: Writing = nullcontext) -> None:
+class BlobServicer:
+    """BlobService of one generation (`codec`) over a store."""
+
+    def __init__(self, store: Store, guard: StreamGuard, writing: Writing = nullcontext, codec: Codec = G1) -> None:
         self._blobs = store.blobs
         self.guard = guard
         self._writing = writing
+        self._c = codec
 
     @map_errors
-    def Stat(
-        self, request: rpc_blobstore_pb2.StatBlobRequest, context: grpc.ServicerContext
-    ) -> rpc_blobstore_pb2.BlobMeta:  # noqa: N802, E501
-        digest = wire.digest_from_proto(request.digest, "blob digest")
+    def Stat(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        raw, asked = self._c.stat_request_fields(request)
+        digest = wire.digest_from_proto(raw, "blob digest")
         chunks = self._blobs.chunks(digest)
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
-        if not request.include_chunks:
-            return rpc_blobstore_pb2.BlobMeta()
-        return wire.chunks_to_proto(chunks)
+        return self._c.stat_response(chunks, asked)
 
     @streaming
     @map_errors
-    def Read(
-        self, request: rpc_blobstore_pb2.ReadBlobRequest, context: grpc.ServicerContext
-    ) -> Iterator[rpc_blobstore_pb2.BlobChunk]:  # noqa: N802, E501
+    def Read(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         digest = wire.digest_from_proto(request.digest, "blob digest")
         chunks = self._blobs.chunks(digest)
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
+        blob_chunk = self._c.blobstore.BlobChunk
         for c in chunks:
             data = self._blobs.read_chunk(c.digest)
             if data is None:
                 raise StoreError(f"chunk {c.digest.hex()} of blob {digest.hex()} is missing")
             if len(data) <= MAX_CHUNK_MESSAGE:
-                yield rpc_blobstore_pb2.BlobChunk(data=data)
+                yield blob_chunk(data=data)
                 continue
             view = memoryview(data)
             for off in range(0, len(data), MAX_CHUNK_MESSAGE):
-                yield rpc_blobstore_pb2.BlobChunk(data=bytes(view[off : off + MAX_CHUNK_MESSAGE]))
+                yield blob_chunk(data=bytes(view[off : off + MAX_CHUNK_MESSAGE]))
 
     @streaming
     @map_errors
-    def Put(
-        self, request_iterator: Iterator[rpc_blobstore_pb2.BlobChunk], context: grpc.ServicerContext
-    ) -> rpc_blobstore_pb2.PutBlobResponse:  # noqa: N802, E501
+    def Put(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:  # noqa: N802
         # A cancelled upload makes the iterator raise: the writer's context manager aborts it
         # (and a call cancelled as its stream ended is not committed either: `_complete`).
         with self._writing(), self._blobs.open_write() as w:
@@ -174,10 +202,12 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             _complete(context)
             digest = w.close()
         log.debug("Put: stored blob %s", digest.hex())
-        return rpc_blobstore_pb2.PutBlobResponse(digest=bytes(digest))
+        return self._c.blobstore.PutBlobResponse(digest=bytes(digest))
 
 
-class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
+class DirectoryServicer:
+    """DirectoryService of one generation (`codec`) over a store."""
+
     def __init__(
         self,
         store: Store,
@@ -186,19 +216,19 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
         max_count: int = DEFAULT_MAX_COUNT,
         max_bytes: int = DEFAULT_MAX_BYTES,
         writing: Writing = nullcontext,
+        codec: Codec = G1,
     ) -> None:
         self._dirs = store.directories
         self.guard = guard
         self._admission = admission
         self._writing = writing
+        self._c = codec
         self.max_count = max_count
         self.max_bytes = max_bytes
 
     @streaming
     @map_errors
-    def Get(
-        self, request: rpc_directory_pb2.GetDirectoryRequest, context: grpc.ServicerContext
-    ) -> Iterator[castore_pb2.Directory]:  # noqa: N802, E501
+    def Get(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         if request.WhichOneof("by_what") is None:
             raise ValidationError("GetDirectoryRequest: by_what (digest) is not set")
         digest = wire.digest_from_proto(request.digest, "directory digest")
@@ -206,20 +236,18 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             d = self._dirs.get(digest)
             if d is None:
                 raise NotFoundError(f"directory {digest.hex()} not found")
-            yield wire.directory_to_proto(d)
+            yield self._c.directory_to_proto(d)
             return
         found = False
         for d in self._dirs.get_recursive(digest):
             found = True
-            yield wire.directory_to_proto(d)
-        if not found:
+            yield self._c.directory_to_proto(d)
+        if not found and not self._c.recursive_get_of_missing_root_is_empty:
             raise NotFoundError(f"directory {digest.hex()} not found")
 
     @streaming
     @map_errors
-    def Put(
-        self, request_iterator: Iterator[castore_pb2.Directory], context: grpc.ServicerContext
-    ) -> rpc_directory_pb2.PutDirectoryResponse:  # noqa: N802, E501
+    def Put(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:  # noqa: N802
         # Checked as it arrives (each Directory, its references, its files' blobs), held in a
         # spool of bounded memory, stored once the whole stream checked out: nothing of a
         # rejected stream is stored.
@@ -228,7 +256,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
         with self._writing(), DirectorySpool(self.max_count, self.max_bytes) as spool:
             for i, msg in enumerate(request_iterator):
                 try:
-                    d = wire.directory_from_proto(msg)
+                    d = self._c.directory_from_proto(msg)
                     if not check.add(d):
                         continue
                     self._admission.check_files(d, blob_sizes)
@@ -239,44 +267,84 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             check.finish()
             root = self._dirs.put_graph(spool)
         log.debug("Put: stored %d directories, root %s", len(check), root.hex())
-        return rpc_directory_pb2.PutDirectoryResponse(root_digest=bytes(root))
+        return self._c.directory.PutDirectoryResponse(root_digest=bytes(root))
 
 
-class PathInfoServicer(rpc_pathinfo_pb2_grpc.PathInfoServiceServicer):
-    def __init__(self, store: Store, admission: Admission, writing: Writing = nullcontext) -> None:
+class PathInfoServicer:
+    """PathInfoService of one generation (`codec`) over a store; `strict`: snix's rules (see
+    the module docstring), else those of the path G1 and G2 clients share."""
+
+    def __init__(
+        self,
+        store: Store,
+        admission: Admission,
+        guard: StreamGuard,
+        writing: Writing = nullcontext,
+        codec: Codec = G2,
+        strict: bool = False,
+    ) -> None:
         self._infos = store.pathinfos
+        self.guard = guard
         self._admission = admission
         self._writing = writing
+        self._c = codec
+        self._strict = strict
 
     @map_errors
-    def Get(self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802, E501
+    def Get(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         if request.WhichOneof("by_what") is None:
+            if self._strict:
+                raise UnsupportedError("by_what needs to be specified")
             raise ValidationError("GetPathInfoRequest: by_what (by_output_hash) is not set")
+        if self._strict and len(request.by_output_hash) != 20:
+            raise ValidationError("invalid output digest length")
         check_output_hash(request.by_output_hash)
         info = self._infos.get(request.by_output_hash)
         if info is None:
+            if self._strict:
+                raise NotFoundError("PathInfo not found")
             raise NotFoundError(f"no path info for output hash {request.by_output_hash.hex()}")
-        return wire.pathinfo_to_proto(info)
+        return self._c.pathinfo_to_proto(info)
 
     @map_errors
-    def Put(self, request: pathinfo_pb2.PathInfo, context: grpc.ServicerContext) -> pathinfo_pb2.PathInfo:  # noqa: N802
-        info = wire.pathinfo_from_proto(request)
+    def Put(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        try:
+            info = self._c.pathinfo_from_proto(request)
+            if self._strict and info.narinfo is None:
+                raise ValidationError("narinfo is not set")
+        except ValidationError as e:
+            if self._strict:
+                raise ValidationError(f"Invalid path info: {e}") from None
+            raise
         with self._writing():
-            return wire.pathinfo_to_proto(self._admission.put_pathinfo(info))
+            return self._c.pathinfo_to_proto(self._admission.put_pathinfo(info))
 
     @map_errors
-    def CalculateNAR(
-        self, request: pathinfo_pb2.Node, context: grpc.ServicerContext
-    ) -> rpc_pathinfo_pb2.CalculateNARResponse:  # noqa: N802, E501
-        node = wire.node_from_proto(request)
-        size, sha256 = self._infos.calculate_nar(node)
-        if size > 0xFFFFFFFF:
-            raise StoreError(f"NAR size {size} does not fit the protocol's uint32 nar_size")
-        return rpc_pathinfo_pb2.CalculateNARResponse(nar_size=size, nar_sha256=sha256)
+    def CalculateNAR(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        node = self._c.node_from_proto(request)
+        if self._strict and node.name:
+            raise ValidationError("invalid root node")
+        try:
+            size, sha256 = self._infos.calculate_nar(node)
+        except NotFoundError as e:
+            if self._strict:  # snix: a render failure is a storage error, DATA_LOSS
+                raise IntegrityError(f"storage error: failed rendering nar: {e}") from None
+            raise
+        return self._c.calculate_nar_response(size, sha256)
+
+    @streaming
+    @map_errors
+    def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        if not self._infos.capabilities.can_list:
+            raise UnsupportedError("this store cannot list its path infos")
+        for info in self._infos.iter_all():
+            yield self._c.pathinfo_to_proto(info)
 
 
 class StoreServer:
-    """A started gRPC server serving one `Store`, with reflection and health checking.
+    """A started gRPC server serving one `Store` in every protocol generation (`ROUTES`; only
+    some with `generations`, e.g. a server double of an older or newer peer), with reflection
+    and health checking.
 
     `bind(address)` accepts `HOST:PORT` (port 0: ephemeral) or `unix:/path` and returns
     the real bound address. `stop(grace)` stops accepting, lets in-flight calls finish
@@ -298,8 +366,11 @@ class StoreServer:
         max_directory_put_bytes: int = DEFAULT_MAX_BYTES,
         tokens: Tokens | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        generations: tuple[str, ...] = TAGS,
     ) -> None:
         self.store = store
+        self.routes = routes(generations)
+        self.service_names = tuple(s.full_name for s, _, _ in self.routes)
         self.guard = StreamGuard(max_streams, idle_timeout)
         self.admission = Admission(store, epoch=sweep_epoch(store))
         self._server = grpc.server(
@@ -311,22 +382,25 @@ class StoreServer:
         )
         # every write call holds the GC lock of a local store shared (tvix_store.gc): no sweep meanwhile
         writing = write_lock(store)
-        add_servicer(self._server, rpc_blobstore_pb2, "BlobService", BlobServicer(store, self.guard, writing))
-        add_servicer(
-            self._server,
-            rpc_directory_pb2,
-            "DirectoryService",
-            DirectoryServicer(
-                store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes, writing
-            ),
-        )
-        add_servicer(
-            self._server, rpc_pathinfo_pb2, "PathInfoService", PathInfoServicer(store, self.admission, writing)
-        )
+        self.servicers: list[object] = []
+        for desc, codec, strict in self.routes:
+            servicer: object
+            if desc is codec.blob_service:
+                servicer = BlobServicer(store, self.guard, writing, codec)
+            elif desc is codec.directory_service:
+                servicer = DirectoryServicer(
+                    store, self.guard, self.admission, max_directory_put_count, max_directory_put_bytes, writing, codec
+                )
+            else:
+                servicer = PathInfoServicer(store, self.admission, self.guard, writing, codec, strict)
+            add_servicer(self._server, desc, servicer)
+            self.servicers.append(servicer)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+            pool=reflection_pool((health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)),
         )
 
     def bind(self, address: str, tls: TlsFiles | None = None) -> str:
@@ -350,7 +424,7 @@ class StoreServer:
 
     def start(self) -> None:
         self._server.start()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *self.service_names):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
