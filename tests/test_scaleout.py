@@ -7,7 +7,8 @@ session fixtures).
   kill the first, reads of what was never read go on;
 - a read-only mount over plain HTTP (`python3 -m http.server` serving an objectstore+file dir);
 - S3 or PostgreSQL stopped: one CLI line and exit 1, gRPC UNAVAILABLE from a daemon, EIO on a
-  mount, within the deadline; everything works again once the server is back, no restart.
+  mount, within the deadline; everything works again once the server is back, no restart;
+  and S3 stopped and restarted under a load of concurrent Stats and Puts through a daemon.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fixtures import make_tree, random_bytes
 from mountutil import MountProc, requires_fuse
 from servers import PostgreSQL, SeaweedFS, free_port
 
+from tvix_store.core.digest import B3Digest
 from tvix_store.protocol.g1 import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
 
 TIMEOUT = 3.0
@@ -252,3 +254,91 @@ def test_postgres_stopped_is_a_clear_error_everywhere_then_recovers(
     finally:
         m.release()
         d.stop()
+
+
+def test_s3_stopped_and_restarted_under_load(tmp_path: Path, stoppable: tuple[SeaweedFS, PostgreSQL]) -> None:
+    """Six clients keep calling a daemon over the bucket (Stat of absent blobs, which always
+    reach S3, and Puts of fresh small blobs) while S3 is stopped and started again: every call
+    ends within its deadline with a definite answer (NOT_FOUND/OK, or UNAVAILABLE while S3 is
+    down, never another code), the outage is seen, calls succeed again without a restart, and
+    every Put that answered OK is readable whole afterwards (nothing partial was published)."""
+    import threading
+
+    seaweed, postgres = stoppable
+    bucket, db = seaweed.url(), postgres.fresh_db()
+    d = Daemon(bucket, extra=("--pathinfo-store", db, "--timeout", str(TIMEOUT)))
+    stop = threading.Event()
+    results: list[tuple[str, grpc.StatusCode, float]] = []  # (phase, code, seconds)
+    phase = ["up"]
+    stored: list[bytes] = []
+    lock = threading.Lock()
+
+    def stats() -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            code = _stat_blob(d.address, os.urandom(32))
+            with lock:
+                results.append((phase[0], code, time.monotonic() - t))
+
+    def puts(seed: int) -> None:
+        with grpc.insecure_channel(d.address) as ch:
+            stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+            n = 0
+            while not stop.is_set():
+                data = random_bytes(3000 + n, seed=seed * 100_000 + n)
+                n += 1
+                t = time.monotonic()
+                try:
+                    stub.Put(iter([rpc_blobstore_pb2.BlobChunk(data=data)]), timeout=TIMEOUT * 4)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                with lock:
+                    results.append((phase[0], code, time.monotonic() - t))
+                    if code == grpc.StatusCode.OK:
+                        stored.append(data)
+
+    threads = [threading.Thread(target=stats) for _ in range(4)] + [
+        threading.Thread(target=puts, args=(i,)) for i in range(2)
+    ]
+    try:
+        for th in threads:
+            th.start()
+        wait_n = len(results) + 20
+        _wait(lambda: len(results) >= wait_n)
+        phase[0] = "down"
+        seaweed.stop()
+        _wait(lambda: sum(1 for p, c, _ in results if p == "down" and c == grpc.StatusCode.UNAVAILABLE) >= 10)
+        seaweed.start()
+        phase[0] = "back"
+        # recovery without a restart: Stats are answered NOT_FOUND again, and Puts stored
+        _wait(lambda: sum(1 for p, c, _ in results if p == "back" and c == grpc.StatusCode.NOT_FOUND) >= 10)
+        _wait(lambda: sum(1 for p, c, _ in results if p == "back" and c == grpc.StatusCode.OK) >= 5)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(60)
+    try:
+        allowed = {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE}
+        assert {c for _, c, _ in results} <= allowed, {c for _, c, _ in results} - allowed
+        assert not [r for r in results if r[0] == "up" and r[1] == grpc.StatusCode.UNAVAILABLE]
+        slowest = max(s for _, _, s in results)
+        assert slowest < 2 * TIMEOUT + GUARANTEE_SLACK, slowest  # a deadline guarantee: no hang
+        with grpc.insecure_channel(d.address) as ch:
+            stub = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
+            for data in stored:
+                got = b"".join(
+                    m.data
+                    for m in stub.Read(
+                        rpc_blobstore_pb2.ReadBlobRequest(digest=bytes(B3Digest.of(data))), timeout=TIMEOUT * 4
+                    )
+                )
+                assert got == data
+    finally:
+        assert d.stop() == 0
+
+
+def _wait(cond: object, timeout: float = 120) -> None:
+    from mountutil import wait_until
+
+    wait_until(cond, timeout, "the load to reach the next phase")  # type: ignore[arg-type]
