@@ -104,10 +104,12 @@ def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
 class Daemon:
     """`tvix-store daemon --listen 127.0.0.1:0`, ready once it logs `listening on HOST:PORT`."""
 
-    def __init__(self, ts: list[str], store_url: str, logfile: Path, ready: float = 60) -> None:
+    def __init__(
+        self, ts: list[str], store_url: str, logfile: Path, ready: float = 60, extra: tuple[str, ...] = ()
+    ) -> None:
         self.logfile = logfile
         self.proc = subprocess.Popen(
-            [*ts, "daemon", "--listen", "127.0.0.1:0", "--store", store_url],
+            [*ts, "daemon", "--listen", "127.0.0.1:0", "--store", store_url, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
