@@ -7,7 +7,8 @@ the tvix remote mount at 10 ms (and 50 ms; --quick: 10 ms only), the same throug
 tvix mount of the local store. Every run is cold: fresh daemon, proxy, mount and empty cache,
 page cache dropped. Rows: tree `find | xargs cat`, `ls -lR` (+ gRPC calls), big `dd`, time to
 first byte (ms, round trips, calls), `tvix-store import` of tree and big over gRPC beside a local
-import. Slow runs stop at the cap and count as lower bounds.
+import, `tvix-store nar` of tree over gRPC beside the same from the local store. Slow runs stop
+at the cap and count as lower bounds.
 
 Not a network emulator: no loss, no jitter, no bandwidth cap (the proxy has one; BENCH.md asks
 for none).
@@ -15,6 +16,7 @@ for none).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -42,6 +44,7 @@ def rows_latency(b: Bench) -> None:
     row_big(b, delays)
     row_ttfb(b, delays)
     row_import(b)
+    row_nar(b)
 
 
 def _subjects(
@@ -273,3 +276,44 @@ def _grpc_import(b: Bench, c: Counted, src: Path, which: str, want: str, i: int,
             return t
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def row_nar(b: Bench) -> None:
+    """`tvix-store nar` of tree through the proxy at 10 ms and 0 ms (fresh daemon over the main
+    store each run) beside `nar` of the local store; every output checked against nix-store --dump."""
+    import hashlib
+
+    d = b.data
+    dump = run(["nix-store", "--dump", str(d.tree)]).stdout
+    want, size, path = hashlib.sha256(dump).hexdigest(), len(dump), b.paths["tree"]
+
+    def once(url: str | None, c: Counted | None, m: Measurement, cap: float) -> float:
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                assert c is not None
+                dmn = stack.enter_context(b.daemon())
+                px = stack.enter_context(Proxy(dmn.port, delay=c.delay or 0.0))
+                url = px.url
+            b.cold()
+            t0 = time.perf_counter()
+            out = run([*b.ts, "nar", "--store", url, path], cap=cap)
+            t = time.perf_counter() - t0
+            if c is not None:
+                c.requests.append(px.grpc_calls)
+        if hashlib.sha256(out.stdout).hexdigest() != want:
+            raise BenchError("WRONG NAR: not nix-store --dump of the original")
+        m.check("NAR = nix-store --dump of the original")
+        return t
+
+    local = Measurement("tvix-store nar (local store)", amount=size, unit="MB/s")
+    subjects = [Subject(local, lambda _v, i, cap: once(f"local://{b.main_store}", None, local, cap))]
+    counted: list[Counted] = []
+    for delay in (LINK, 0.0):
+        m = Measurement(label("tvix-store nar over gRPC", delay), amount=size, unit="MB/s")
+        c = Counted(m, delay)
+        counted.append(c)
+        subjects.append(Subject(m, lambda _v, i, cap, c=c: once(None, c, c.m, cap)))
+    interleave(b, "latency nar tree", subjects)
+    for c in counted:
+        c.note_requests()
+    b.report.report("latency 10 ms: nar of tree over gRPC", counted[0].m, [(local, None), (counted[1].m, None)])

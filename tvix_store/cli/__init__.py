@@ -260,10 +260,12 @@ def _listen_host(listen: str) -> str | None:
     return host
 
 
-def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) -> Store:
+def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False, reads_many: bool = False) -> Store:
     """The store the common options name (see `tvix_store.compose.open_store`); `long_lived`
     (a mount, a daemon): remotes fail fast while known to be down, and without `--cache-dir`
-    they sit behind an in-memory cache."""
+    they sit behind an in-memory cache. `reads_many` (a command that reads a whole tree, like
+    `nar`): the in-memory cache too, whose batched prefetch fetches the small files ahead of
+    the reader (many calls in flight) instead of one round trip per file."""
     from tvix_store.compose import open_store
 
     try:
@@ -276,7 +278,7 @@ def open_store_from_args(args: argparse.Namespace, *, long_lived: bool = False) 
             cache_size=args.cache_size,
             timeout=args.timeout,
             fail_fast=long_lived,
-            memory_cache=long_lived,
+            memory_cache=long_lived or reads_many,
         )
     except ValidationError as e:  # a malformed or unknown URL, --cache-dir with a local store
         raise UsageError(str(e)) from None
