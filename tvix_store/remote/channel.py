@@ -481,6 +481,9 @@ class Remote:
                 results.put((-1, None))  # the end: all answered, or cancelled (closed)
 
         fut = asyncio.run_coroutine_threadsafe(run_all(), loop)
+        # the end marker also when run_all never ran: cancelled by close() before its first step
+        # (a task cancelled before it starts runs no `finally`), the waiter below must not wait on
+        fut.add_done_callback(lambda _f: results.put((-1, None)))
         with self._lock:
             self._batches.add(fut)
         try:
