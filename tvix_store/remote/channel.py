@@ -383,27 +383,40 @@ class Remote:
     def server_stream(self, method: Any, request: Any, what: str) -> Iterator[Any]:
         """Iterate a response stream under the idle watchdog; NotFoundError for NOT_FOUND.
 
-        Closing the generator early cancels the call."""
+        A call refused as busy (RESOURCE_EXHAUSTED) before its first message is retried with
+        backoff for up to `timeout` seconds, as batch calls are. Closing the generator early
+        cancels the call."""
         self.check()
         in_caller = False  # time the caller spends with a yielded message is not a stall
 
         def idle_ok() -> bool:
             return in_caller
 
-        w = self.watchdog.watch(idle_ok)
-        call = method(request)
-        w.call = call
-        try:
-            for msg in call:
-                in_caller = True
-                yield msg
-                in_caller = False
-                w.touch()
-        except grpc.RpcError as e:
-            raise self.failed(e, what, w) from None
-        finally:
-            self.watchdog.release(w)
-            call.cancel()
+        delay, waited = BUSY_FIRST_DELAY, 0.0
+        while True:
+            w = self.watchdog.watch(idle_ok)
+            call = method(request)
+            w.call = call
+            received = False
+            try:
+                for msg in call:
+                    received = True
+                    in_caller = True
+                    yield msg
+                    in_caller = False
+                    w.touch()
+                return
+            except grpc.RpcError as e:
+                busy = e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                if received or not busy or waited >= self.timeout:
+                    raise self.failed(e, what, w) from None
+            finally:
+                self.watchdog.release(w)
+                call.cancel()
+            self.counters.add("busy_retries")
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 1.0)
 
     # --- many calls in flight: an asyncio channel on a loop thread of its own ------------------
 
