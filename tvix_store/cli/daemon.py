@@ -47,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, tls: TlsFiles | None, tokens: Tokens | None, metrics: MetricsServer | None) -> int:
     from tvix_store.cli import open_store_from_args
+    from tvix_store.cli.narbridge import install_stop_handlers
     from tvix_store.serve.grpc import StoreServer
 
     # handlers first: a signal arriving right after the ready line must already stop us cleanly
-    stop = _install_stop_handlers()
+    stop = install_stop_handlers()
     store = open_store_from_args(args, long_lived=True)
     if metrics is not None:
         metrics.add_store(store.counters.snapshot)
@@ -126,18 +127,6 @@ def _serve_with_mount(store: object, address: str, mountpoint: str, timeout: flo
         sdnotify.ready(f"listening on {address}, mounted at {mountpoint}{note}")
 
     run_foreground(store, mountpoint, on_ready=ready, timeout=timeout)  # type: ignore[arg-type]
-
-
-def _install_stop_handlers() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return stop
 
 
 def _stop(server: object) -> None:
