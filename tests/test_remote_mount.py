@@ -411,6 +411,9 @@ def test_metadata_of_uncached_paths_is_eio_within_the_timeout(tmp_path: Path, re
         store_dir = m.mountpoint / "store"
         sp = store_dir / remote.store_path
         assert "f3.bin" in os.listdir(sp)
+        # the closure streams in after the first look-up returns: a look-up below waits for it
+        # (no call of its own), so once this answers the whole closure is in
+        assert sorted(os.listdir(sp / "sub" / "deeper")) == ["data.bin"]
         proxy.mode = "stall"
         expect_eio(lambda: os.stat(store_dir / other_sp), within=TIMEOUT + GUARANTEE_SLACK)
         expect_fast_eio(lambda: os.listdir(m.mountpoint / "directories" / other_root))
